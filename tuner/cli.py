@@ -1,0 +1,342 @@
+"""The ``tuner`` command line. Parses, calls, prints; no logic of its own.
+
+User mistakes (``TunerError``) are printed as one line per problem on stderr
+with exit code 2; results go to stdout. Tracebacks never show local variables,
+since a storage URL may hold a password.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tuner import __version__
+from tuner.errors import SpaceError, TunerError
+
+app = typer.Typer(
+    name="tuner",
+    help="Hyperparameter search for image classification on small, imbalanced data sets.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+space_app = typer.Typer(help="Search-space files.", no_args_is_help=True)
+data_app = typer.Typer(help="Data sources.", no_args_is_help=True)
+app.add_typer(space_app, name="space")
+app.add_typer(data_app, name="data")
+
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
+StorageOpt = Annotated[
+    Optional[str],
+    typer.Option("--storage", help="SQLAlchemy URL; default sqlite:///studies/<study>.db.", show_default=False),
+]
+VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and results.")]
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    import optuna
+
+    level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
+    handler = RichHandler(console=err, show_path=False, show_time=False, rich_tracebacks=False)
+    package = logging.getLogger("tuner")
+    package.handlers[:] = [handler]
+    package.setLevel(level)
+    package.propagate = False
+    optuna.logging.set_verbosity(logging.INFO if verbose else logging.WARNING)
+
+
+def user_errors(fn: F) -> F:
+    """The one exception boundary: a user mistake is one line per problem and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpaceError as e:
+            for path, msg in e.problems:
+                err.print(
+                    f"[red]error:[/] {e.source}: {path + ': ' if path else ''}{msg}",
+                    highlight=False,
+                    markup=True,
+                    soft_wrap=True,
+                )
+            raise typer.Exit(code=2) from None
+        except TunerError as e:
+            err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return "" if value is None else str(value)
+
+
+@app.callback(invoke_without_command=True)
+def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    if version:
+        out.print(f"tuner {__version__}")
+        raise typer.Exit()
+
+
+@app.command()
+@user_errors
+def optimize(
+    space: Annotated[Path, typer.Option("--space", help="Search-space YAML file.", dir_okay=False)],
+    data: Annotated[
+        Optional[str],
+        typer.Option("--data", help="Image folder, CSV manifest, .npz or 'synthetic' (overrides data.source)."),
+    ] = None,
+    study: Annotated[Optional[str], typer.Option("--study", "-s", help="Study name (overrides study.name).")] = None,
+    storage: StorageOpt = None,
+    n_trials: Annotated[
+        Optional[int], typer.Option("--n-trials", "-n", help="Trials to add (overrides study.n_trials).")
+    ] = None,
+    timeout: Annotated[
+        Optional[float], typer.Option("--timeout", help="Stop starting trials after this many seconds.")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", help="Overrides train.max_epochs.")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Decoded-image cache.")] = Path("studies/cache"),
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run (or resume) a study: every trial trains a model from the space and reports validation metrics."""
+    from tuner.space import load_space
+    from tuner.study import redact, run_optimize
+
+    _setup_logging(verbose, quiet)
+    overrides = {
+        "data.source": data,
+        "study.name": study,
+        "study.n_trials": n_trials,
+        "study.timeout": timeout,
+        "train.device": device,
+        "train.max_epochs": max_epochs,
+    }
+    spec = load_space(space, overrides)
+    storage_url = storage or _default_storage(spec.study.name)
+    total = spec.study.n_trials
+    progress = Progress(
+        TextColumn("[bold]trials"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
+    )
+
+    def report_trial(study_: Any, trial: Any) -> None:
+        from tuner.study import trial_summary
+
+        s = trial_summary(trial)
+        best = study_.best_value if any(t.state.name == "COMPLETE" for t in study_.get_trials(deepcopy=False)) else None
+        detail = s["reason"] or f"best epoch {s['best_epoch']}"
+        progress.console.print(
+            f"trial {s['number']:>3} {s['state']:<8} {spec.study.metric}={_fmt(s['value']):<7} "
+            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best)}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        progress.advance(task)
+
+    with progress:
+        task = progress.add_task("trials", total=total)
+        try:
+            result = run_optimize(spec, storage_url=storage_url, cache_dir=cache_dir, callbacks=[report_trial])
+        except KeyboardInterrupt:
+            progress.stop()
+            err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
+            raise typer.Exit(code=130) from None
+    _print_best(result, spec.study.metric)
+    shown = redact(storage_url)
+    dashboard_cmd = f"tuner dashboard --study {spec.study.name}" + ("" if storage is None else f" --storage '{shown}'")
+    out.print(
+        f"\nOpen the dashboard:  optuna-dashboard '{shown}'\n               or:  {dashboard_cmd}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
+
+
+def _default_storage(study: str) -> str:
+    from tuner.study import default_storage
+
+    return default_storage(study)
+
+
+def _print_best(study: Any, metric: str) -> None:
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    counts = {
+        s.name: sum(t.state == s for t in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    }
+    out.print(
+        f"study {study.study_name}: {len(trials)} trials ({', '.join(f'{v} {k.lower()}' for k, v in counts.items())})"
+    )
+    if not counts["COMPLETE"]:
+        out.print("no trial completed yet")
+        return
+    best = study.best_trial
+    out.print(f"best trial {best.number}: {metric}={_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
+    for key, value in best.params.items():
+        out.print(f"  {key} = {_fmt(value)}")
+
+
+@app.command()
+@user_errors
+def trials(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many, best first.")] = 50,
+) -> None:
+    """A table of the study's trials: state, value, best epoch, searched params, duration."""
+    from tuner.study import load_existing_study, trial_summary
+
+    s = load_existing_study(study, storage)
+    rows = [trial_summary(t) for t in s.get_trials(deepcopy=False)]
+    sign = -1 if s.direction.name == "MAXIMIZE" else 1
+    rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
+    metric = s.user_attrs.get("space", {}).get("study", {}).get("metric", "value")
+    names = sorted({k for r in rows for k in r["params"]})
+    table = Table(title=f"{study}: {len(rows)} trials")
+    for col in ("#", "state", metric, "best epoch", *names, "s", "note"):
+        table.add_column(col, justify="right" if col not in ("state", "note") else "left")
+    for r in rows[:limit]:
+        table.add_row(
+            str(r["number"]),
+            r["state"],
+            _fmt(r["value"]),
+            _fmt(r["best_epoch"]),
+            *(_fmt(r["params"].get(n)) for n in names),
+            _fmt(r["duration_s"]),
+            r["reason"] or "",
+        )
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def best(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The best trial: value, params, best epoch."""
+    from tuner.study import load_existing_study, trial_summary
+
+    s = load_existing_study(study, storage)
+    completed = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not completed:
+        raise TunerError(f"study {study!r} has no completed trial yet")
+    trial = s.best_trial
+    summary = trial_summary(trial)
+    summary["metric"] = s.user_attrs.get("space", {}).get("study", {}).get("metric")
+    summary["hparams"] = trial.user_attrs.get("hparams")
+    summary["study"] = study
+    if as_json:
+        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        return
+    _print_best(s, summary["metric"] or "value")
+
+
+@app.command()
+@user_errors
+def dashboard(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study's storage."""
+    import optuna_dashboard
+
+    from tuner.study import load_existing_study, redact
+
+    s = load_existing_study(study, storage)
+    err.print(
+        f"optuna-dashboard for {redact(storage or _default_storage(study))} at http://{host}:{port}/dashboard/  (Ctrl-C to stop)"
+    )
+    optuna_dashboard.run_server(s._storage, host=host, port=port)
+
+
+@space_app.command("check")
+@user_errors
+def space_check(file: Annotated[Path, typer.Argument(help="Search-space YAML file.", dir_okay=False)]) -> None:
+    """Validate a space file and print the resolved space."""
+    from tuner.space import iter_specs, load_space
+
+    spec = load_space(file)
+    s = spec.study
+    out.print(f"[bold]{file}[/] is valid (fingerprint {spec.fingerprint()})")
+    out.print(
+        f"study {s.name}: {s.resolved_direction} {s.metric}, sampler {s.sampler.name} (seed {s.sampler.seed}), "
+        f"pruner {s.pruner.name}, {s.n_trials} trials" + (f", timeout {s.timeout} s" if s.timeout else ""),
+        highlight=False,
+    )
+    d, t = spec.data, spec.train
+    out.print(
+        f"data {d.source} at {d.image_size}px, val {d.val_fraction}, test {d.test_fraction}, split seed {d.split_seed}",
+        highlight=False,
+    )
+    out.print(
+        f"train up to {t.max_epochs} epochs, patience {t.patience}, device {t.device}, amp {t.amp}, seed {t.seed}",
+        highlight=False,
+    )
+    table = Table(title="params")
+    for col in ("name", "distribution", "when"):
+        table.add_column(col)
+    for param, condition in iter_specs(spec.specs):
+        table.add_row(param.name, param.describe(), condition or "always")
+    out.print(table)
+
+
+@data_app.command("inspect")
+@user_errors
+def data_inspect(
+    space: Annotated[
+        Optional[Path], typer.Option("--space", help="Space file whose data section to use.", dir_okay=False)
+    ] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data source (overrides data.source).")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
+) -> None:
+    """Decode (once, into the cache) and show classes and split sizes; the test split is not read."""
+    from tuner.space import load_space, parse_space
+    from tuner.study import prepare
+
+    spec = load_space(space, {"data.source": data}) if space else parse_space({}, "<defaults>", {"data.source": data})
+    ds = prepare(spec, cache_dir=cache_dir)
+    out.print(
+        f"{ds.description}: {ds.channels} channel(s), {ds.image_size}px, classes {', '.join(ds.class_names)}",
+        highlight=False,
+    )
+    table = Table()
+    table.add_column("split")
+    for name in ds.class_names:
+        table.add_column(name, justify="right")
+    for split_name, split in (("train", ds.train), ("val", ds.val)):
+        table.add_row(split_name, *map(str, split.class_counts(ds.num_classes)))
+    out.print(table)
+    if ds.positive_index is not None:
+        out.print(f"positive class: {ds.class_names[ds.positive_index]}")

@@ -1,0 +1,102 @@
+"""Batched augmentation on the training device, with random parameters per sample.
+
+torchvision's transforms draw one set of parameters per call, so applying them
+to a whole batch would rotate every image by the same angle. Here each sample
+gets its own flip, rotation, scale, translation and shear, composed into one
+affine matrix; a single ``grid_sample`` call then warps the whole batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float = 0.0  # probability
+    vflip: float = 0.0  # probability
+    rotation: float = 0.0  # degrees, uniform in [-rotation, rotation]
+    scale: float = 0.0  # zoom uniform in [1 - scale, 1 + scale]
+    translate: float = 0.0  # fraction of the image size
+    shear: float = 0.0  # degrees
+    brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
+    contrast: float = 0.0  # factor uniform in [1 - c, 1 + c]
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.rotation or self.scale or self.translate or self.shear)
+
+
+AUGMENT_PRESETS: dict[str, AugmentConfig] = {
+    "none": AugmentConfig(),
+    "hflip": AugmentConfig(hflip=0.5),
+    "flip": AugmentConfig(hflip=0.5, vflip=0.5),
+    "flip_rotate": AugmentConfig(hflip=0.5, vflip=0.5, rotation=20.0),
+    "affine": AugmentConfig(hflip=0.5, rotation=15.0, scale=0.1, translate=0.1, shear=5.0),
+    "light": AugmentConfig(hflip=0.5, rotation=10.0, scale=0.05, translate=0.05, brightness=0.1, contrast=0.1),
+    "rotate180": AugmentConfig(hflip=0.5, vflip=0.5, rotation=180.0),
+}
+
+
+def _uniform(n: int, half_width: float, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(n, generator=generator) * 2 - 1) * half_width
+
+
+class BatchAugment:
+    """Callable that augments a float batch ``N×C×H×W`` in [0, 1] on its own device."""
+
+    def __init__(self, config: AugmentConfig) -> None:
+        self.config = config
+
+    @classmethod
+    def from_name(cls, name: str) -> BatchAugment:
+        if name not in AUGMENT_PRESETS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}, but got augment={name!r}")
+        return cls(AUGMENT_PRESETS[name])
+
+    @property
+    def active(self) -> bool:
+        return self.config != AugmentConfig()
+
+    def affine_matrices(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Per-sample 2×3 matrices mapping output to input coordinates (as ``affine_grid`` expects)."""
+        c = self.config
+        angle = _uniform(n, math.radians(c.rotation), generator)
+        zoom = 1 + _uniform(n, c.scale, generator)
+        shear = torch.tan(_uniform(n, math.radians(c.shear), generator))
+        flip_x = torch.where(torch.rand(n, generator=generator) < c.hflip, -1.0, 1.0)
+        flip_y = torch.where(torch.rand(n, generator=generator) < c.vflip, -1.0, 1.0)
+        cos, sin = torch.cos(angle), torch.sin(angle)
+        # rotation @ shear @ (flip / zoom)
+        a = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+        s = torch.zeros(n, 2, 2)
+        s[:, 0, 0], s[:, 0, 1], s[:, 1, 1] = 1.0, shear, 1.0
+        d = torch.diag_embed(torch.stack([flip_x, flip_y], -1) / zoom[:, None])
+        linear = a @ s @ d
+        shift = torch.stack([_uniform(n, 2 * c.translate, generator), _uniform(n, 2 * c.translate, generator)], -1)
+        return torch.cat([linear, shift[:, :, None]], dim=2)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        if c.geometric:
+            theta = self.affine_matrices(n, generator).to(x.device, x.dtype, non_blocking=True)
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        elif c.hflip or c.vflip:
+            # Flips alone need no resampling: select between the image and its mirror.
+            for prob, dim in ((c.hflip, -1), (c.vflip, -2)):
+                if prob:
+                    flip = (torch.rand(n, generator=generator) < prob).to(x.device, non_blocking=True)
+                    x = torch.where(flip[:, None, None, None], x.flip(dim), x)
+        if c.brightness or c.contrast:
+            gain = (1 + _uniform(n, c.brightness, generator)).to(x.device, x.dtype)[:, None, None, None]
+            contrast = (1 + _uniform(n, c.contrast, generator)).to(x.device, x.dtype)[:, None, None, None]
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = ((x - mean) * contrast + mean) * gain
+            x = x.clamp(0, 1)
+        return x

@@ -1,0 +1,150 @@
+"""From a source to decoded, split, labelled arrays: what a trial trains on.
+
+``load_dataset`` decodes each block once into the cache, applies label aliases,
+assigns splits (or honours the source's own) and returns the train and
+validation splits, plus the test split only when asked (refit, evaluate).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tuner.data.cache import cache_key, cached_array
+from tuner.data.sources import Block, open_source
+from tuner.data.splits import assign_splits
+from tuner.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 N×C×H×W
+    labels: np.ndarray  # int64 class indices
+    groups: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass(frozen=True)
+class Dataset:
+    class_names: tuple[str, ...]
+    train: Split
+    val: Split
+    test: Split | None
+    positive_index: int | None  # binary: the class whose recall/precision/AUROC are reported
+    channels: int
+    image_size: int
+    description: str
+    fingerprint: str
+    cache_hits: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _natural_key(label: str) -> tuple[int, int | str]:
+    return (0, int(label)) if label.isdigit() else (1, label)
+
+
+def _decoded(block: Block, fingerprint: str, size: int, channels: int, cache_dir: Path) -> tuple[np.ndarray, bool]:
+    key = cache_key(source=fingerprint, block=block.name, size=size, channels=channels)
+    images, hit = cached_array(
+        cache_dir,
+        key,
+        lambda: block.decode(size, channels),
+        describe=f"{len(block.labels)} {block.name} images at {size}px",
+    )
+    if len(images) != len(block.labels):
+        raise DataError(
+            f"the cached {block.name} images ({len(images)}) do not match the source's {len(block.labels)} labels"
+        )
+    return images, hit
+
+
+def load_dataset(
+    source: str,
+    *,
+    image_size: int,
+    channels: int | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    split_seed: int = 0,
+    group_column: str | None = None,
+    label_aliases: dict[str, str] | None = None,
+    positive_class: str | None = None,
+    synthetic_options: dict | None = None,
+    cache_dir: Path = Path("studies/cache"),
+    include_test: bool = False,
+) -> Dataset:
+    """Load, decode once, split. The test split is only read with ``include_test=True``."""
+    src = open_source(source, group_column=group_column, synthetic_options=synthetic_options)
+    blocks = {b.name: b for b in src.blocks(include_test)}
+    channels = channels or next(iter(blocks.values())).natural_channels
+    aliases = label_aliases or {}
+    hits: dict[str, bool] = {}
+    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    for name, block in blocks.items():
+        images, hits[name] = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
+        labels = np.array([aliases.get(v, v) for v in block.labels], dtype=object)
+        groups = np.array(block.groups, dtype=object) if block.groups is not None else None
+        parts[name] = (images, labels, groups)
+
+    # Sources without their own splits get seeded, stratified (grouped) ones; a source with
+    # train but no val gets its val carved out of train the same way.
+    if "all" in parts or "val" not in parts:
+        whole = "all" if "all" in parts else "train"
+        images, labels, groups = parts.pop(whole)
+        test_share = test_fraction if whole == "all" else None
+        split = assign_splits(labels, groups, val_fraction=val_fraction, test_fraction=test_share, seed=split_seed)
+        for name in ("train", "val", "test"):
+            mask = split == name
+            if mask.any() and (name != "test" or include_test):
+                parts[name] = (np.asarray(images[mask]), labels[mask], None if groups is None else groups[mask])
+
+    class_names = tuple(sorted(set(parts["train"][1]) | set(parts["val"][1]), key=_natural_key))
+    if len(class_names) < 2:
+        raise DataError(
+            f"{src.description} has only one class ({', '.join(class_names)}); a classifier needs at least two"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    splits: dict[str, Split] = {}
+    for name, (images, labels, groups) in parts.items():
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise DataError(
+                f"the {name} split of {src.description} has classes not seen in training: {', '.join(unknown)}"
+            )
+        splits[name] = Split(np.asarray(images), np.array([index[v] for v in labels], dtype=np.int64), groups)
+
+    positive_index = None
+    if positive_class is not None:
+        if positive_class not in index:
+            raise DataError(
+                f"positive_class must be one of the classes {', '.join(class_names)}, but got positive_class={positive_class!r}"
+            )
+        positive_index = index[positive_class]
+    elif len(class_names) == 2:
+        positive_index = int(np.argmin(splits["train"].class_counts(2)))  # the minority class
+
+    return Dataset(
+        class_names=class_names,
+        train=splits["train"],
+        val=splits["val"],
+        test=splits.get("test"),
+        positive_index=positive_index,
+        channels=channels,
+        image_size=image_size,
+        description=src.description,
+        fingerprint=src.fingerprint,
+        cache_hits=hits,
+    )

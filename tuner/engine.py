@@ -1,0 +1,241 @@
+"""The train / evaluate loop. Knows nothing about Optuna or search spaces.
+
+``fit`` trains for up to ``max_epochs``, evaluates on validation after every
+epoch, calls ``on_epoch(epoch, metrics)`` (where a caller may report to a
+pruner and raise to stop), stops early after ``patience`` epochs without
+improvement and keeps the best epoch's weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tuner.optim import LRSchedule
+
+log = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"training loss became non-finite (NaN or inf) in epoch {epoch}")
+        self.epoch = epoch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA where supported, fp16 otherwise; off on CPU (slower there)."""
+    if not enabled or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+@dataclass
+class FitResult:
+    history: dict[str, list[float]]
+    best_epoch: int  # 1-based
+    best_value: float
+    best_state: dict[str, torch.Tensor] = field(repr=False)
+    epochs_run: int
+    seconds_per_epoch: float
+    images_per_second: float
+    peak_memory_mb: float
+    stopped_early: bool
+
+
+@torch.inference_mode()
+def predict(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    to_probs: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: nn.Module | None = None,
+    amp: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Probabilities, targets and mean loss over ``batches`` (model in eval mode)."""
+    model.eval()
+    probs, targets = [], []
+    loss_sum, count = None, 0
+    device = next(model.parameters()).device
+    for x, y in batches:
+        with autocast(device, amp):
+            logits = model(x)
+        if loss_fn is not None:
+            batch_loss = loss_fn(logits, y) * len(y)
+            loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
+        count += len(y)
+        probs.append(to_probs(logits))
+        targets.append(y)
+    mean_loss = float(loss_sum) / count if loss_sum is not None and count else float("nan")
+    return torch.cat(probs), torch.cat(targets), mean_loss
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Batches,
+    *,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    accumulate_steps: int = 1,
+    grad_clip: float = 0.0,
+    amp: bool = False,
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[torch.Tensor, int]:
+    """One pass; returns the summed loss (a device tensor, not synced) and the number of images."""
+    model.train()
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    images = 0
+    optimizer.zero_grad(set_to_none=True)
+    pending = 0
+    for x, y in batches:
+        with autocast(device, amp):
+            loss = loss_fn(model(x), y)
+        scaled = loss / accumulate_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        loss_sum += loss.detach() * len(y)  # no .item(): that would sync the GPU every step
+        images += len(y)
+        pending += 1
+        if pending == accumulate_steps:
+            _optimizer_step(model, optimizer, scaler, grad_clip)
+            schedule.after_step()
+            pending = 0
+    if pending:
+        _optimizer_step(model, optimizer, scaler, grad_clip)
+        schedule.after_step()
+    return loss_sum, images
+
+
+def _optimizer_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, grad_clip: float
+) -> None:
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def fit(
+    model: nn.Module,
+    *,
+    train_batches: Callable[[int], Batches],
+    val_batches: Callable[[], Batches],
+    loss_fn: nn.Module,
+    to_probs: Callable[[torch.Tensor], torch.Tensor],
+    metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
+    optimizer: torch.optim.Optimizer,
+    schedule: LRSchedule,
+    max_epochs: int,
+    monitor: str = "val_auroc",
+    mode: str = "max",
+    patience: int | None = None,
+    accumulate_steps: int = 1,
+    grad_clip: float = 0.0,
+    amp: bool = False,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches."""
+    device = next(model.parameters()).device
+    use_scaler = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    sign = 1.0 if mode == "max" else -1.0
+    history: dict[str, list[float]] = {}
+    best_value, best_epoch, best_state = math.nan, 0, {}
+    train_seconds = epoch_seconds = 0.0
+    images_seen = 0
+    stopped_early = False
+    epoch = 0
+    for epoch in range(1, max_epochs + 1):
+        start = time.perf_counter()
+        loss_sum, images = train_one_epoch(
+            model,
+            train_batches(epoch),
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            schedule=schedule,
+            accumulate_steps=accumulate_steps,
+            grad_clip=grad_clip,
+            amp=amp,
+            scaler=scaler,
+        )
+        train_loss = float(loss_sum) / max(images, 1)  # one sync per epoch
+        if not math.isfinite(train_loss):
+            raise NonFiniteLossError(epoch)
+        train_done = time.perf_counter()
+        probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=amp)
+        metrics = {"train_loss": train_loss, "val_loss": val_loss}
+        metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        schedule.after_epoch(metrics[monitor])
+        end = time.perf_counter()
+        metrics["epoch_seconds"] = end - start
+        train_seconds += train_done - start
+        epoch_seconds += end - start
+        images_seen += images
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(value)
+
+        value = metrics[monitor]
+        improved = math.isfinite(value) and (not best_epoch or sign * value > sign * best_value)
+        if improved:
+            best_value, best_epoch = value, epoch
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        log.debug("epoch %d: %s", epoch, metrics)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if patience is not None and best_epoch and epoch - best_epoch >= patience:
+            stopped_early = True
+            break
+    if not best_epoch:
+        best_value, best_epoch, best_state = float("nan"), epoch, copy.deepcopy(model.state_dict())
+    return FitResult(
+        history=history,
+        best_epoch=best_epoch,
+        best_value=best_value,
+        best_state=best_state,
+        epochs_run=epoch,
+        seconds_per_epoch=epoch_seconds / max(epoch, 1),
+        images_per_second=images_seen / train_seconds if train_seconds > 0 else float("nan"),
+        peak_memory_mb=peak_memory_mb(device),
+        stopped_early=stopped_early,
+    )

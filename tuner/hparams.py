@@ -1,0 +1,83 @@
+"""The hyperparameters a trial can set, with their defaults and constraints.
+
+Every field name is at once the key in a space file's ``params``, the Optuna
+parameter name and the keyword the builders take, so ``FixedTrial(best.params)``
+replays a trial exactly. A space file only lists what it fixes or searches;
+everything else keeps the default below.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "multistep", "exponential", "plateau", "onecycle", "cosine")
+IMBALANCE_STRATEGIES = ("none", "oversample", "undersample", "class_weight", "weighted_sampler")
+LOSSES = ("ce", "bce", "focal")
+AUGMENTATIONS = ("none", "flip", "hflip", "flip_rotate", "affine", "light", "rotate180")
+
+
+class Hyperparameters(BaseModel):
+    """One trial's complete, validated hyperparameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # model
+    model: str = "small_cnn"
+    width: Annotated[int, Field(ge=1, le=1024)] = 32
+    depth: Annotated[int, Field(ge=1, le=8)] = 3
+    hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
+    dropout: Probability = 0.0
+    drop_path: Probability = 0.0
+    pretrained: bool = False
+    freeze_backbone: bool = False
+    # class imbalance and loss
+    imbalance: Literal[IMBALANCE_STRATEGIES] = "none"  # type: ignore[valid-type]
+    ratio: Annotated[float, Field(ge=1.0)] = 1.0
+    loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
+    label_smoothing: Probability = 0.0
+    focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
+    # optimisation
+    optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    momentum: Probability = 0.9
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    accumulate_steps: Annotated[int, Field(ge=1)] = 1
+    grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
+    # learning-rate schedule
+    scheduler: Literal[SCHEDULERS] = "none"  # type: ignore[valid-type]
+    step_size: Annotated[int, Field(ge=1)] = 10
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    milestones: tuple[Annotated[int, Field(ge=1)], ...] = (10, 15)
+    patience: Annotated[int, Field(ge=0)] = 3
+    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    # augmentation, applied batched on the training device
+    augment: Literal[AUGMENTATIONS] = "none"  # type: ignore[valid-type]
+
+
+HPARAM_NAMES: tuple[str, ...] = tuple(Hyperparameters.model_fields)
+
+
+def field_adapter(name: str) -> TypeAdapter[Any]:
+    """A validator for one hyperparameter alone, with the field's constraints."""
+    field = Hyperparameters.model_fields[name]
+    if not field.metadata:
+        return TypeAdapter(field.annotation)
+    return TypeAdapter(Annotated[(field.annotation, *field.metadata)])  # type: ignore[valid-type]
+
+
+def field_kind(name: str) -> str:
+    """'int', 'float', 'bool', 'str' or 'tuple': what kind of distribution a field can take."""
+    annotation = Hyperparameters.model_fields[name].annotation
+    for kind in (bool, int, float, str):
+        if annotation is kind:
+            return kind.__name__
+    origin = getattr(annotation, "__origin__", None)
+    if origin is tuple:
+        return "tuple"
+    return "str"  # Literal[...] choices

@@ -1,0 +1,95 @@
+"""Losses: cross-entropy, one-logit BCE and focal, each optionally class-weighted.
+
+Every loss comes with the matching logits -> probabilities map, so metrics see
+N×K probabilities whatever the head: a one-logit BCE head gives the positive
+class's probability and its complement.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuner.errors import TunerError
+
+
+def num_outputs(loss: str, num_classes: int) -> int:
+    return 1 if loss == "bce" else num_classes
+
+
+class CrossEntropy(nn.Module):
+    def __init__(self, weight: torch.Tensor | None, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), target, weight=self.weight, label_smoothing=self.label_smoothing)
+
+
+class FocalLoss(nn.Module):
+    """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma."""
+
+    def __init__(self, weight: torch.Tensor | None, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.gamma = gamma
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        ce = F.cross_entropy(logits, target, reduction="none")
+        p_true = torch.exp(-ce)
+        loss = (1 - p_true) ** self.gamma * ce
+        if self.weight is not None:
+            w = self.weight[target]
+            return (w * loss).sum() / w.sum()
+        return loss.mean()
+
+
+class BinaryCrossEntropy(nn.Module):
+    """One logit for P(class == positive_index); class weights become ``pos_weight``."""
+
+    def __init__(self, positive_index: int, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.positive_index = positive_index
+        pos_weight = None if weight is None else (weight[positive_index] / weight[1 - positive_index]).reshape(1)
+        self.register_buffer("pos_weight", pos_weight)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        is_positive = (target == self.positive_index).float()
+        return F.binary_cross_entropy_with_logits(logits.float()[:, 0], is_positive, pos_weight=self.pos_weight)
+
+
+def build_loss(
+    name: str,
+    *,
+    num_classes: int,
+    positive_index: int | None = None,
+    class_weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    focal_gamma: float = 2.0,
+) -> nn.Module:
+    if name == "ce":
+        return CrossEntropy(class_weights, label_smoothing)
+    if name == "focal":
+        return FocalLoss(class_weights, focal_gamma)
+    if name == "bce":
+        if num_classes != 2:
+            raise TunerError(
+                f"loss='bce' needs exactly two classes, but the data has {num_classes}; use 'ce' or 'focal'"
+            )
+        return BinaryCrossEntropy(1 if positive_index is None else positive_index, class_weights)
+    raise TunerError(f"loss must be one of ce, bce, focal, but got loss={name!r}")
+
+
+def logits_to_probs(logits: torch.Tensor, *, num_classes: int, positive_index: int | None = None) -> torch.Tensor:
+    """N×K class probabilities from the head's logits (softmax, or sigmoid for one logit)."""
+    logits = logits.float()
+    if logits.shape[1] != 1:
+        return logits.softmax(dim=1)
+    p = torch.sigmoid(logits[:, 0])
+    pos = 1 if positive_index is None else positive_index
+    probs = torch.empty(len(p), 2, device=logits.device)
+    probs[:, pos], probs[:, 1 - pos] = p, 1 - p
+    return probs

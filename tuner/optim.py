@@ -1,0 +1,92 @@
+"""Optimizer and LR-scheduler factories.
+
+Each scheduler knows when it steps: per optimizer step (OneCycle), per epoch
+(step, multistep, exponential, cosine) or per epoch on the monitored metric
+(plateau). The train loop calls :meth:`LRSchedule.after_step` and
+:meth:`LRSchedule.after_epoch` and never needs to know which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch.optim import lr_scheduler
+
+from tuner.errors import TunerError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "step", "multistep", "exponential", "plateau", "onecycle", "cosine")
+
+
+def build_optimizer(
+    name: str, params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise TunerError("the model has no trainable parameters (is everything frozen?)")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise TunerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, but got optimizer={name!r}")
+
+
+class LRSchedule:
+    """A scheduler plus when to step it."""
+
+    def __init__(self, scheduler: object | None, interval: str, *, total_steps: int | None = None) -> None:
+        self.scheduler = scheduler
+        self.interval = interval  # "step", "epoch", "metric" or "none"
+        self.total_steps = total_steps
+        self.steps = 0
+
+    def after_step(self) -> None:
+        # OneCycle raises past its last step; a final partial accumulation step can overshoot by one.
+        if self.interval == "step" and (self.total_steps is None or self.steps < self.total_steps - 1):
+            self.steps += 1
+            self.scheduler.step()  # type: ignore[union-attr]
+
+    def after_epoch(self, metric: float) -> None:
+        if self.interval == "epoch":
+            self.scheduler.step()  # type: ignore[union-attr]
+        elif self.interval == "metric":
+            self.scheduler.step(metric)  # type: ignore[union-attr]
+
+
+def build_scheduler(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    *,
+    max_epochs: int,
+    steps_per_epoch: int,
+    step_size: int = 10,
+    gamma: float = 0.1,
+    milestones: Sequence[int] = (10, 15),
+    patience: int = 3,
+    factor: float = 0.1,
+    mode: str = "max",
+) -> LRSchedule:
+    if name == "none":
+        return LRSchedule(None, "none")
+    if name == "step":
+        return LRSchedule(lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
+    if name == "multistep":
+        return LRSchedule(lr_scheduler.MultiStepLR(optimizer, milestones=sorted(milestones), gamma=gamma), "epoch")
+    if name == "exponential":
+        return LRSchedule(lr_scheduler.ExponentialLR(optimizer, gamma=gamma), "epoch")
+    if name == "cosine":
+        return LRSchedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs), "epoch")
+    if name == "plateau":
+        return LRSchedule(
+            lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=patience, factor=factor), "metric"
+        )
+    if name == "onecycle":
+        max_lr = [group["lr"] for group in optimizer.param_groups]
+        total = max(1, max_epochs * steps_per_epoch)
+        return LRSchedule(
+            lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total), "step", total_steps=total
+        )
+    raise TunerError(f"scheduler must be one of {', '.join(SCHEDULERS)}, but got scheduler={name!r}")

@@ -1,0 +1,476 @@
+"""Search-space files: schema, YAML loading with precise errors, and ``suggest``.
+
+A space file has four sections::
+
+    study:  name, metric, direction, sampler, pruner, n_trials, timeout
+    data:   source, image_size, channels, fractions, groups, label aliases, positive class
+    train:  max_epochs, patience, device, amp, seed
+    params: every hyperparameter either fixed (``lr: 0.001``) or searched:
+            ``lr: {low: 1.0e-4, high: 1.0e-2, log: true}``
+            ``optimizer: {choices: [adam, sgd]}``
+            ``scheduler: {choices: {none: {}, step: {step_size: {low: 2, high: 8}}}}``
+
+A categorical given as a mapping carries sub-parameters per choice; they are
+suggested only when that choice is drawn. Whether a range is int or float comes
+from the hyperparameter itself (``batch_size`` is an int, ``lr`` a float).
+Everything is validated before the first trial starts; an error names the file,
+the dotted key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuner import hparams as hp
+from tuner.errors import SpaceError, TunerError
+from tuner.models import check_model_name
+
+METRICS = (
+    "val_auroc",
+    "val_auprc",
+    "val_f1",
+    "val_balanced_accuracy",
+    "val_recall",
+    "val_precision",
+    "val_specificity",
+    "val_accuracy",
+    "val_loss",
+)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SamplerSettings(_Frozen):
+    name: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    seed: int = 0
+    n_startup_trials: Annotated[int, Field(ge=0)] = 5
+
+
+class MedianPrunerSettings(_Frozen):
+    name: Literal["median"] = "median"
+    n_startup_trials: Annotated[int, Field(ge=0)] = 3
+    n_warmup_steps: Annotated[int, Field(ge=0)] = 2
+    interval_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class PercentilePrunerSettings(_Frozen):
+    name: Literal["percentile"]
+    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] = 25.0
+    n_startup_trials: Annotated[int, Field(ge=0)] = 3
+    n_warmup_steps: Annotated[int, Field(ge=0)] = 2
+    interval_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class SuccessiveHalvingPrunerSettings(_Frozen):
+    name: Literal["successive_halving"]
+    min_resource: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+    min_early_stopping_rate: Annotated[int, Field(ge=0)] = 0
+
+
+class HyperbandPrunerSettings(_Frozen):
+    name: Literal["hyperband"]
+    min_resource: Annotated[int, Field(ge=1)] = 1
+    max_resource: Union[Annotated[int, Field(ge=1)], Literal["auto"]] = "auto"
+    reduction_factor: Annotated[int, Field(ge=2)] = 3
+
+
+class NoPrunerSettings(_Frozen):
+    name: Literal["none"]
+
+
+PrunerSettings = Annotated[
+    Union[
+        MedianPrunerSettings,
+        PercentilePrunerSettings,
+        SuccessiveHalvingPrunerSettings,
+        HyperbandPrunerSettings,
+        NoPrunerSettings,
+    ],
+    Field(discriminator="name"),
+]
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+
+
+class StudySettings(_Frozen):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
+    metric: Literal[METRICS] = "val_auroc"  # type: ignore[valid-type]
+    direction: Literal["maximize", "minimize", None] = None
+    sampler: SamplerSettings = SamplerSettings()
+    pruner: PrunerSettings = MedianPrunerSettings()
+    n_trials: Annotated[int, Field(ge=1)] = 20
+    timeout: Annotated[float, Field(gt=0)] | None = None
+
+    @property
+    def resolved_direction(self) -> str:
+        if self.direction is not None:
+            return self.direction
+        return "minimize" if self.metric == "val_loss" else "maximize"
+
+
+class SyntheticSettings(_Frozen):
+    n_images: Annotated[int, Field(ge=50, le=200_000)] = 2000
+    minority_fraction: Annotated[float, Field(gt=0.0, le=0.5)] = 0.09
+    seed: int = 0
+
+
+class DataSettings(_Frozen):
+    source: str = "synthetic"
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 64
+    channels: Literal[1, 3, None] = None
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.2
+    test_fraction: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.2
+    split_seed: int = 0
+    group_column: str | None = None
+    label_aliases: dict[str, str] = {}
+    positive_class: str | None = None
+    synthetic: SyntheticSettings = SyntheticSettings()
+
+
+class TrainSettings(_Frozen):
+    max_epochs: Annotated[int, Field(ge=1, le=10_000)] = 20
+    patience: Annotated[int, Field(ge=1)] | None = 5
+    device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")] = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    eval_batch_size: Annotated[int, Field(ge=1)] = 512
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def _label(value: Any) -> bool | int | float | str:
+    """Optuna categoricals hold scalars; a list value is stored as its JSON text."""
+    return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class Fixed:
+    name: str
+    value: Any
+
+    def suggest(self, trial: Any, out: dict[str, Any]) -> None:
+        out[self.name] = self.value
+
+    def describe(self) -> str:
+        return f"fixed {self.value!r}"
+
+
+@dataclass(frozen=True)
+class Range:
+    name: str
+    kind: str  # "int" or "float"
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+
+    def suggest(self, trial: Any, out: dict[str, Any]) -> None:
+        if self.kind == "int":
+            out[self.name] = trial.suggest_int(
+                self.name, int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
+        else:
+            out[self.name] = trial.suggest_float(self.name, self.low, self.high, log=self.log, step=self.step)
+
+    def describe(self) -> str:
+        extra = " log" if self.log else (f" step {self.step}" if self.step else "")
+        return f"{self.kind} [{self.low}, {self.high}]{extra}"
+
+
+@dataclass(frozen=True)
+class Option:
+    value: Any
+    params: tuple[Fixed | Range | Choice, ...] = ()
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    options: tuple[Option, ...]
+
+    def suggest(self, trial: Any, out: dict[str, Any]) -> None:
+        by_label = {_label(option.value): option for option in self.options}
+        picked = by_label[trial.suggest_categorical(self.name, list(by_label))]
+        out[self.name] = picked.value
+        for spec in picked.params:
+            spec.suggest(trial, out)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(o.value) for o in self.options)
+
+
+ParamSpec = Union[Fixed, Range, Choice]
+
+
+def iter_specs(specs: tuple[ParamSpec, ...], condition: str = "") -> Iterator[tuple[ParamSpec, str]]:
+    """Every spec with the condition under which it is suggested ('' = always)."""
+    for spec in specs:
+        yield spec, condition
+        if isinstance(spec, Choice):
+            for option in spec.options:
+                yield from iter_specs(option.params, f"{spec.name}={option.value}")
+
+
+class SearchSpace(_Frozen):
+    """A validated space file. Build with :func:`load_space` or :func:`parse_space`."""
+
+    study: StudySettings = StudySettings()
+    data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    params: dict[str, Any] = {}
+
+    @property
+    def specs(self) -> tuple[ParamSpec, ...]:
+        return _parse_params(self.params, "params", [])
+
+    def fingerprint(self) -> str:
+        """Hash of everything that defines the experiment (not of n_trials / timeout / device)."""
+        content = self.model_dump(mode="json", exclude={"study": {"n_trials", "timeout", "name"}})
+        content["train"].pop("device", None)
+        text = json.dumps(content, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def suggest(trial: Any, space: SearchSpace) -> hp.Hyperparameters:
+    """Draw one trial's hyperparameters (works with ``optuna.Trial`` and ``FixedTrial``)."""
+    values: dict[str, Any] = {}
+    for spec in space.specs:
+        spec.suggest(trial, values)
+    return hp.Hyperparameters(**values)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _closest(name: str, valid: tuple[str, ...]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1)
+    return f"did you mean '{match[0]}'? " if match else ""
+
+
+def _check_value(name: str, value: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    try:
+        checked = hp.field_adapter(name).validate_python(value)
+    except ValidationError as err:
+        msg = err.errors()[0]["msg"]
+        problems.append((path, f"{msg}, but got {name}={value!r}"))
+        return None
+    if name == "model":
+        try:
+            check_model_name(checked)
+        except TunerError as err:
+            problems.append((path, str(err)))
+    return checked
+
+
+def _parse_params(raw: Mapping[str, Any], path: str, problems: list[tuple[str, str]]) -> tuple[ParamSpec, ...]:
+    specs = []
+    for name, value in raw.items():
+        key = f"{path}.{name}"
+        if name not in hp.HPARAM_NAMES:
+            problems.append(
+                (
+                    key,
+                    f"unknown hyperparameter {name!r}; {_closest(name, hp.HPARAM_NAMES)}valid: {', '.join(hp.HPARAM_NAMES)}",
+                )
+            )
+            continue
+        spec = _parse_param(name, value, key, problems)
+        if spec is not None:
+            specs.append(spec)
+    return tuple(specs)
+
+
+def _parse_param(name: str, raw: Any, path: str, problems: list[tuple[str, str]]) -> ParamSpec | None:
+    if not isinstance(raw, Mapping):
+        value = _check_value(name, raw, path, problems)
+        return None if value is None else Fixed(name, value)
+    keys = set(raw)
+    if "choices" in keys:
+        if keys != {"choices"}:
+            problems.append((path, f"a categorical takes only 'choices', but got keys {sorted(keys)}"))
+            return None
+        return _parse_choice(name, raw["choices"], f"{path}.choices", problems)
+    allowed = {"low", "high", "log", "step"}
+    if not keys <= allowed or not {"low", "high"} <= keys:
+        problems.append(
+            (
+                path,
+                f"must be a fixed value, {{low, high[, log][, step]}} or {{choices: ...}}, but got keys {sorted(keys)}",
+            )
+        )
+        return None
+    kind = hp.field_kind(name)
+    if kind not in ("int", "float"):
+        problems.append((path, f"{name!r} is a {kind}, so it takes a fixed value or choices, not a range"))
+        return None
+    low = _check_value(name, raw["low"], f"{path}.low", problems)
+    high = _check_value(name, raw["high"], f"{path}.high", problems)
+    log, step = raw.get("log", False), raw.get("step")
+    if low is None or high is None:
+        return None
+    if not isinstance(log, bool):
+        problems.append((f"{path}.log", f"must be true or false, but got log={log!r}"))
+    elif low >= high:
+        problems.append((path, f"low must be below high, but got low={raw['low']!r}, high={raw['high']!r}"))
+    elif log and low <= 0:
+        problems.append((f"{path}.low", f"a log range must have low > 0, but got low={raw['low']!r}"))
+    elif step is not None and (log or not isinstance(step, (int, float)) or step <= 0):
+        problems.append(
+            (f"{path}.step", f"step must be a positive number and cannot be combined with log, but got step={step!r}")
+        )
+    else:
+        return Range(name, kind, low, high, log=log, step=step)
+    return None
+
+
+def _parse_choice(name: str, raw: Any, path: str, problems: list[tuple[str, str]]) -> Choice | None:
+    if isinstance(raw, list):
+        entries: list[tuple[Any, Any]] = [(value, None) for value in raw]
+    elif isinstance(raw, Mapping):
+        entries = list(raw.items())
+    else:
+        problems.append((path, f"must be a list or a mapping of choice -> sub-parameters, but got {raw!r}"))
+        return None
+    if not entries:
+        problems.append((path, "must list at least one choice"))
+        return None
+    options = []
+    for value, sub in entries:
+        checked = _check_value(name, value, f"{path}.{value}", problems)
+        if checked is None:
+            continue
+        if sub is not None and not isinstance(sub, Mapping):
+            problems.append((f"{path}.{value}", f"sub-parameters must be a mapping, but got {sub!r}"))
+            continue
+        options.append(Option(checked, _parse_params(sub or {}, f"{path}.{value}", problems)))
+    labels = [_label(o.value) for o in options]
+    if len(set(labels)) != len(labels):
+        problems.append((path, f"choices must be distinct, but got {labels}"))
+    return Choice(name, tuple(options))
+
+
+def _check_names(specs: tuple[ParamSpec, ...], problems: list[tuple[str, str]]) -> None:
+    """A name may appear in several branches of one choice, never twice on one path."""
+
+    def walk(specs: tuple[ParamSpec, ...], above: set[str]) -> None:
+        here = {s.name for s in specs}
+        for spec in specs:
+            if spec.name in above:
+                problems.append((f"params.{spec.name}", "is set both at an outer level and under a choice"))
+            if isinstance(spec, Choice):
+                for option in spec.options:
+                    walk(option.params, above | here)
+
+    walk(specs, set())
+    kinds: dict[str, tuple[type, Any]] = {}
+    for spec, _ in iter_specs(specs):
+        signature = (type(spec), spec.log if isinstance(spec, Range) else None)
+        if isinstance(spec, Fixed):
+            continue
+        if kinds.setdefault(spec.name, signature) != signature:
+            problems.append(
+                (f"params.{spec.name}", "is searched with different kinds of distribution in different branches")
+            )
+
+
+def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if len(loc) >= 2 and loc[-2] == "pruner" and loc[-1] in PRUNERS:
+            loc = loc[:-1]
+        elif "pruner" in loc and len(loc) > loc.index("pruner") + 1 and loc[loc.index("pruner") + 1] in PRUNERS:
+            del loc[loc.index("pruner") + 1]
+        path = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            problems.append((path, "unknown key"))
+        elif e["type"] == "missing":
+            problems.append((path, "is required"))
+        elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            problems.append((path, f"name must be one of {', '.join(PRUNERS)}, but got {e['input']!r}"))
+        else:
+            problems.append((path, f"{e['msg']}, but got {loc[-1] if loc else 'value'}={e['input']!r}"))
+    return problems
+
+
+def _with_valid_keys(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Add the valid keys to 'unknown key' messages, with a close-match hint."""
+    sections: dict[str, type[BaseModel]] = {
+        "": SearchSpace,
+        "study": StudySettings,
+        "data": DataSettings,
+        "train": TrainSettings,
+        "study.sampler": SamplerSettings,
+        "data.synthetic": SyntheticSettings,
+    }
+    out = []
+    for path, msg in problems:
+        parent, _, key = path.rpartition(".")
+        model = sections.get(parent)
+        if msg == "unknown key" and model is not None:
+            valid = tuple(model.model_fields)
+            msg = f"unknown key {key!r}; {_closest(key, valid)}valid: {', '.join(valid)}"
+        out.append((path, msg))
+    return out
+
+
+def parse_space(raw: Any, source: str = "<space>", overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Validate a space given as a dict; ``overrides`` maps dotted keys to values (CLI flags)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise SpaceError(
+            source, [("", f"must be a mapping with keys study, data, train, params, but got {type(raw).__name__}")]
+        )
+    raw = json.loads(json.dumps(raw, default=str))  # a private, plain copy
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = raw
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpaceError(source, [(part, "must be a mapping")])
+        node[last] = value
+    try:
+        space = SearchSpace.model_validate(raw)
+    except ValidationError as err:
+        raise SpaceError(source, _with_valid_keys(_format_pydantic(err))) from None
+    problems: list[tuple[str, str]] = []
+    specs = _parse_params(space.params, "params", problems)
+    if not problems:
+        _check_names(specs, problems)
+    if problems:
+        raise SpaceError(source, problems)
+    return space
+
+
+def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+    """Read and validate a YAML space file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpaceError(str(path), [("", f"cannot read the space file: {err.strerror}")]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpaceError(str(path), [(where, f"invalid YAML: {problem}")]) from None
+    return parse_space(raw, str(path), overrides)

@@ -1,0 +1,307 @@
+"""Optuna glue: storage, sampler, pruner, the objective and the study's provenance.
+
+The objective is a thin caller of :func:`tuner.training.train_model`: it draws
+hyperparameters, trains with a per-epoch callback that reports to the pruner,
+and stores the whole per-epoch history and timings as user attributes, so the
+dashboard and refit need nothing else. A fault in one trial (NaN loss, CUDA
+out-of-memory, an impossible combination) ends that trial with its reason; the
+study goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner import __version__
+from tuner.data import Dataset, load_dataset
+from tuner.engine import NonFiniteLossError, resolve_device
+from tuner.errors import StorageError, TunerError
+from tuner.space import SamplerSettings, SearchSpace, suggest
+from tuner.training import DeviceData, TrainSettings, train_model
+
+log = logging.getLogger(__name__)
+
+STUDIES_DIR = Path("studies")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class TrialFault(RuntimeError):
+    """A trial could not finish (out of memory, impossible combination); the reason is recorded."""
+
+
+# ------------------------------------------------------------------ storage
+
+
+def default_storage(study_name: str) -> str:
+    return f"sqlite:///{STUDIES_DIR / study_name}.db"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for every message and log line."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return "<malformed storage URL>"
+
+
+def open_storage(url: str) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried) and pre-ping."""
+    try:
+        parsed = sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise StorageError(
+            f"storage must be an SQLAlchemy URL such as sqlite:///studies/NAME.db or postgresql://user@host/db, but got {redact(url)}"
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=60,
+                grace_period=180,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+            )
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+        reason = (
+            type(err).__name__
+            if isinstance(err, sqlalchemy.exc.SQLAlchemyError)
+            else str(err).replace(url, redact(url))
+        )
+        raise StorageError(f"cannot open the study storage {redact(url)}: {reason}") from None
+
+
+def load_existing_study(study_name: str, storage: str | None) -> optuna.Study:
+    url = storage or default_storage(study_name)
+    if storage is None and not (STUDIES_DIR / f"{study_name}.db").exists():
+        raise StorageError(
+            f"no study {study_name!r}: {STUDIES_DIR / study_name}.db does not exist; run `tuner optimize` first or pass --storage"
+        )
+    rdb = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(rdb)]
+    if study_name not in names:
+        raise StorageError(f"no study {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=rdb)
+
+
+# ------------------------------------------------------------------ sampler and pruner
+
+
+def build_sampler(settings: SamplerSettings) -> optuna.samplers.BaseSampler:
+    if settings.name == "tpe":
+        return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
+    if settings.name == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    if settings.name == "gp":
+        return optuna.samplers.GPSampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
+    if settings.name == "cmaes":
+        try:
+            import cmaes  # noqa: F401
+        except ImportError:
+            raise TunerError("sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
+        return optuna.samplers.CmaEsSampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
+    raise TunerError(f"sampler must be one of tpe, random, gp, cmaes, but got {settings.name!r}")
+
+
+def build_pruner(settings: Any, max_epochs: int) -> optuna.pruners.BasePruner:
+    kwargs = settings.model_dump(exclude={"name"})
+    if settings.name == "median":
+        return optuna.pruners.MedianPruner(**kwargs)
+    if settings.name == "percentile":
+        return optuna.pruners.PercentilePruner(**kwargs)
+    if settings.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
+    if settings.name == "hyperband":
+        if kwargs["max_resource"] == "auto":
+            kwargs["max_resource"] = max_epochs
+        return optuna.pruners.HyperbandPruner(**kwargs)
+    return optuna.pruners.NopPruner()
+
+
+# ------------------------------------------------------------------ study
+
+
+def open_study(space: SearchSpace, storage_url: str, data: Dataset) -> optuna.Study:
+    """Create the study, or load it if it exists and was made from the same space (resume)."""
+    storage = open_storage(storage_url)
+    name = space.study.name
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction=space.study.resolved_direction,
+        sampler=build_sampler(space.study.sampler),
+        pruner=build_pruner(space.study.pruner, space.train.max_epochs),
+        load_if_exists=True,
+    )
+    attrs = study.user_attrs
+    fingerprint = space.fingerprint()
+    if "space_fingerprint" not in attrs:
+        study.set_user_attr("space_fingerprint", fingerprint)
+        study.set_user_attr("tuner_version", __version__)
+        study.set_user_attr("space", space.model_dump(mode="json"))
+        study.set_user_attr("created", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        study.set_user_attr(
+            "data",
+            {
+                "description": data.description,
+                "fingerprint": data.fingerprint,
+                "class_names": list(data.class_names),
+                "positive_class": None if data.positive_index is None else data.class_names[data.positive_index],
+                "train": data.train.class_counts(data.num_classes),
+                "val": data.val.class_counts(data.num_classes),
+            },
+        )
+        study.set_user_attr("test_set_reads", [])
+    elif attrs["space_fingerprint"] != fingerprint:
+        raise StorageError(
+            f"study {name!r} in {redact(storage_url)} was created from a different search space "
+            f"(fingerprint {attrs['space_fingerprint']}, this one {fingerprint}); "
+            f"use another --study name, restore the original space file, or delete the study"
+        )
+    return study
+
+
+class Objective:
+    """Optuna objective: hyperparameters -> trained model -> best validation metric."""
+
+    def __init__(self, space: SearchSpace, data: DeviceData) -> None:
+        self.space = space
+        self.data = data
+        self.metric = space.study.metric
+        self.settings = TrainSettings(
+            max_epochs=space.train.max_epochs,
+            patience=space.train.patience,
+            monitor=self.metric,
+            mode="max" if space.study.resolved_direction == "maximize" else "min",
+            amp=space.train.amp,
+            channels_last=space.train.channels_last,
+            eval_batch_size=space.train.eval_batch_size,
+        )
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        hparams = suggest(trial, self.space)
+        seed = self.space.train.seed + trial.number
+        trial.set_user_attr("seed", seed)
+        trial.set_user_attr("hparams", hparams.model_dump(mode="json"))
+        history: dict[str, list[float]] = {}
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+            value = metrics[self.metric]
+            if math.isfinite(value):
+                trial.report(value, epoch)
+            if trial.should_prune():
+                reason = f"pruned at epoch {epoch}"
+                trial.set_user_attr("history", history)
+                trial.set_user_attr("prune_reason", reason)
+                raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
+
+        try:
+            _, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
+        except NonFiniteLossError as err:
+            trial.set_user_attr("history", history)
+            trial.set_user_attr("prune_reason", str(err))
+            raise optuna.TrialPruned(str(err)) from None
+        except torch.cuda.OutOfMemoryError:
+            # Leave the except block before freeing: the traceback holds the trial's tensors.
+            reason = f"CUDA out of memory (model={hparams.model}, batch_size={hparams.batch_size})"
+        except TunerError as err:
+            reason = str(err)
+        else:
+            trial.set_user_attr("history", result.history)
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("epochs_run", result.epochs_run)
+            trial.set_user_attr("stopped_early", result.stopped_early)
+            trial.set_user_attr("seconds_per_epoch", round(result.seconds_per_epoch, 4))
+            trial.set_user_attr("images_per_second", round(result.images_per_second, 1))
+            trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
+            return result.best_value
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        trial.set_user_attr("history", history)
+        trial.set_user_attr("fail_reason", reason)
+        raise TrialFault(reason)
+
+
+def prepare(space: SearchSpace, *, cache_dir: Path) -> Dataset:
+    """Load the train and validation splits (never the test split) for ``optimize``."""
+    d = space.data
+    return load_dataset(
+        d.source,
+        image_size=d.image_size,
+        channels=d.channels,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        split_seed=d.split_seed,
+        group_column=d.group_column,
+        label_aliases=d.label_aliases,
+        positive_class=d.positive_class,
+        synthetic_options=d.synthetic.model_dump(),
+        cache_dir=cache_dir,
+        include_test=False,
+    )
+
+
+def run_optimize(
+    space: SearchSpace,
+    *,
+    storage_url: str,
+    cache_dir: Path = STUDIES_DIR / "cache",
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    dataset: Dataset | None = None,
+) -> optuna.Study:
+    """Run ``space.study.n_trials`` more trials of the study (creating it if needed)."""
+    dataset = dataset or prepare(space, cache_dir=cache_dir)
+    study = open_study(space, storage_url, dataset)
+    device = resolve_device(space.train.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    objective = Objective(space, DeviceData.from_dataset(dataset, device))
+    study.optimize(
+        objective,
+        n_trials=space.study.n_trials,
+        timeout=space.study.timeout,
+        catch=(TrialFault,),
+        callbacks=list(callbacks),
+        gc_after_trial=device.type == "cuda",
+    )
+    return study
+
+
+def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
+    """What a person wants to know about one trial, JSON-serialisable."""
+    duration = trial.duration.total_seconds() if trial.duration else None
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "value": trial.value,
+        "best_epoch": trial.user_attrs.get("best_epoch"),
+        "epochs_run": trial.user_attrs.get("epochs_run", len(trial.intermediate_values) or None),
+        "seed": trial.user_attrs.get("seed"),
+        "params": trial.params,
+        "duration_s": None if duration is None else round(duration, 2),
+        "reason": trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason"),
+    }
