@@ -400,7 +400,8 @@ def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
         elif e["type"] == "missing":
             problems.append((path, "is required"))
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            problems.append((path, f"name must be one of {', '.join(PRUNERS)}, but got {e['input']!r}"))
+            tag = (e.get("ctx") or {}).get("tag")
+            problems.append((f"{path}.name", f"must be one of {', '.join(PRUNERS)}, but got name={tag!r}"))
         else:
             problems.append((path, f"{e['msg']}, but got {loc[-1] if loc else 'value'}={e['input']!r}"))
     return problems

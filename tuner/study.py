@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -72,24 +73,27 @@ def open_storage(url: str) -> RDBStorage:
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():
-            # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=60,
-                grace_period=180,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        reason = (
-            type(err).__name__
-            if isinstance(err, sqlalchemy.exc.SQLAlchemyError)
-            else str(err).replace(url, redact(url))
-        )
-        raise StorageError(f"cannot open the study storage {redact(url)}: {reason}") from None
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=60,
+                    grace_period=180,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                )
+        except sqlalchemy.exc.IntegrityError:
+            # Two processes creating the schema at once: the loser finds the tables on a second try.
+            time.sleep(0.5 * (attempt + 1))
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+            reason = type(err).__name__ if isinstance(err, sqlalchemy.exc.SQLAlchemyError) else str(err)
+            raise StorageError(
+                f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
+            ) from None
+    raise StorageError(f"cannot open the study storage {redact(url)}: the schema could not be created")
 
 
 def load_existing_study(study_name: str, storage: str | None) -> optuna.Study:

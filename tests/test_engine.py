@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tuner.data import load_dataset
+from tuner.engine import NonFiniteLossError
+from tuner.hparams import OPTIMIZERS, SCHEDULERS, Hyperparameters
+from tuner.training import DeviceData, TrainSettings, build_classifier, seed_everything, train_model
+
+
+def test_engine_does_not_import_optuna_or_the_space():
+    code = "import sys, tuner.engine, tuner.training; print('optuna' in sys.modules, 'tuner.space' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> DeviceData:
+    ds = load_dataset(
+        "synthetic",
+        image_size=16,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        synthetic_options={"n_images": 200, "minority_fraction": 0.25},
+    )
+    return DeviceData.from_dataset(ds, torch.device("cpu"))
+
+
+SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max")
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_optimizer_and_scheduler_trains(tiny_data, optimizer, scheduler):
+    hp = Hyperparameters(
+        width=8,
+        depth=2,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        lr=3e-3 if optimizer != "sgd" else 3e-2,
+        batch_size=32,
+        step_size=2,
+        milestones=(2, 3),
+        gamma=0.5,
+    )
+    _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
+    losses = result.history["train_loss"]
+    assert losses[-1] < losses[0], losses
+    assert result.epochs_run == 4 and 1 <= result.best_epoch <= 4
+    if scheduler not in ("none", "plateau"):
+        assert result.history["lr"][-1] != result.history["lr"][0]
+
+
+def test_gradient_accumulation_and_focal_loss_train(tiny_data):
+    hp = Hyperparameters(
+        width=8, depth=2, batch_size=16, accumulate_steps=4, loss="focal", imbalance="class_weight", lr=5e-3
+    )
+    _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+
+
+def test_non_finite_loss_raises(tiny_data):
+    hp = Hyperparameters(
+        model="mlp", hidden_sizes=(256, 256, 256, 256), optimizer="sgd", lr=10.0, momentum=0.99, batch_size=16
+    )
+    with pytest.raises(NonFiniteLossError):
+        train_model(hp, tiny_data, SETTINGS, seed=0)
+
+
+def test_early_stopping_and_best_state(tiny_data):
+    settings = TrainSettings(max_epochs=30, patience=2, monitor="val_auroc", mode="max")
+    model, result = train_model(Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32), tiny_data, settings, seed=0)
+    assert result.stopped_early and result.epochs_run == result.best_epoch + 2
+    assert result.best_value == max(result.history["val_auroc"])
+    assert set(result.best_state) == set(model.state_dict())
+
+
+def test_same_seed_same_result(tiny_data):
+    hp = Hyperparameters(width=4, depth=2, augment="affine", imbalance="oversample", batch_size=32)
+    a = train_model(hp, tiny_data, SETTINGS, seed=5)[1].history
+    b = train_model(hp, tiny_data, SETTINGS, seed=5)[1].history
+    assert a["val_auroc"] == b["val_auroc"] and a["train_loss"] == b["train_loss"]
+
+
+def test_frozen_backbone_only_trains_the_head(tiny_data):
+    hp = Hyperparameters(model="test_resnet", freeze_backbone=True, hidden_sizes=(16,), dropout=0.2, batch_size=64)
+    model, result = train_model(
+        hp, tiny_data, TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max"), seed=0
+    )
+    seed_everything(0)
+    fresh = build_classifier(hp, num_classes=2, channels=3, image_size=16)
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    # weights and BatchNorm statistics of the backbone are exactly as initialised
+    torch.testing.assert_close(model.backbone.state_dict(), fresh.backbone.state_dict())
+    assert not torch.equal(model.head[-1].weight, fresh.head[-1].weight)
+    assert result.epochs_run == 1

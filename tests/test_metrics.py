@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from tuner.losses import build_loss, logits_to_probs
+from tuner.metrics import classification_metrics
+
+
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_binary_metrics_equal_sklearn_on_the_same_predictions(positive_index):
+    rng = np.random.default_rng(positive_index)
+    target = rng.integers(0, 2, 300)
+    p1 = np.clip(0.3 * target + rng.uniform(0, 0.7, 300), 0, 1)
+    probs = torch.tensor(np.stack([1 - p1, p1], 1), dtype=torch.float32)
+    got = classification_metrics(probs, torch.tensor(target), positive_index=positive_index)
+
+    is_pos = (target == positive_index).astype(int)
+    score = probs[:, positive_index].numpy()
+    pred = (score >= 0.5).astype(int)
+    assert got["auroc"] == pytest.approx(skm.roc_auc_score(is_pos, score), abs=1e-6)
+    assert got["auprc"] == pytest.approx(skm.average_precision_score(is_pos, score), abs=1e-6)
+    assert got["f1"] == pytest.approx(skm.f1_score(is_pos, pred), abs=1e-6)
+    assert got["recall"] == pytest.approx(skm.recall_score(is_pos, pred), abs=1e-6)
+    assert got["precision"] == pytest.approx(skm.precision_score(is_pos, pred), abs=1e-6)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(is_pos, pred), abs=1e-6)
+    assert got["specificity"] == pytest.approx(skm.recall_score(is_pos, pred, pos_label=0), abs=1e-6)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(is_pos, pred), abs=1e-6)
+
+
+def test_ranking_metrics_use_probabilities_not_thresholded_labels():
+    # All scores below 0.5: thresholded labels are all negative, yet the ranking is perfect.
+    target = torch.tensor([0, 0, 1, 1])
+    p1 = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    got = classification_metrics(torch.stack([1 - p1, p1], 1), target, positive_index=1)
+    assert got["auroc"] == 1.0 and got["auprc"] == pytest.approx(1.0)
+    assert got["recall"] == 0.0
+
+
+def test_multiclass_metrics_equal_sklearn():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 3, 200)
+    logits = rng.normal(size=(200, 3)) + 1.5 * np.eye(3)[target]
+    probs = torch.tensor(logits).softmax(1).float()
+    got = classification_metrics(probs, torch.tensor(target))
+    pred = probs.argmax(1).numpy()
+    assert got["auroc"] == pytest.approx(
+        skm.roc_auc_score(target, probs.numpy(), multi_class="ovr", average="macro"), abs=1e-5
+    )
+    assert got["f1"] == pytest.approx(skm.f1_score(target, pred, average="macro"), abs=1e-6)
+    assert got["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(target, pred), abs=1e-6)
+    assert got["accuracy"] == pytest.approx(skm.accuracy_score(target, pred), abs=1e-6)
+
+
+def test_one_logit_bce_probabilities_put_the_positive_class_where_it_belongs():
+    logits = torch.tensor([[2.0], [-1.0]])
+    probs = logits_to_probs(logits, num_classes=2, positive_index=0)
+    assert probs[0, 0] == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    loss = build_loss("bce", num_classes=2, positive_index=0)
+    # target 0 is the positive class: a large positive logit means a small loss
+    assert loss(torch.tensor([[5.0]]), torch.tensor([0])) < loss(torch.tensor([[5.0]]), torch.tensor([1]))
+
+
+def test_class_weights_change_the_loss():
+    logits, target = torch.randn(8, 2), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    plain = build_loss("ce", num_classes=2)(logits, target)
+    weighted = build_loss("ce", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
+    focal = build_loss("focal", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
+    assert plain != weighted and torch.isfinite(focal)

@@ -1,0 +1,189 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.conftest import invoke, tiny_space, write_space
+from tuner.space import parse_space
+from tuner.study import open_storage, run_optimize
+
+HISTORY_KEYS = {"train_loss", "val_loss", "val_auroc", "val_auprc", "val_f1", "val_recall", "val_specificity", "lr"}
+
+
+def load(name: str, root: Path) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(f"sqlite:///{root / 'studies' / name}.db"))
+
+
+def test_optimize_end_to_end_stores_every_trial(workdir):
+    space = write_space(workdir / "s.yaml", tiny_space())
+    result = invoke("optimize", "--space", space)
+    assert result.exit_code == 0, result.output
+    assert "best trial" in result.stdout and "optuna-dashboard 'sqlite:///studies/tiny.db'" in result.stdout
+    assert "tuner dashboard --study tiny" in result.stdout
+
+    study = load("tiny", workdir)
+    assert study.user_attrs["space_fingerprint"] == parse_space(tiny_space()).fingerprint()
+    assert study.user_attrs["tuner_version"] and study.user_attrs["test_set_reads"] == []
+    assert study.user_attrs["data"]["class_names"] == ["benign", "malignant"]
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        attrs = t.user_attrs
+        assert HISTORY_KEYS <= set(attrs["history"]) and len(attrs["history"]["val_auroc"]) == attrs["epochs_run"] == 2
+        assert t.value == max(attrs["history"]["val_auroc"]) == attrs["history"]["val_auroc"][attrs["best_epoch"] - 1]
+        assert attrs["seconds_per_epoch"] > 0 and attrs["images_per_second"] > 0 and attrs["peak_memory_mb"] > 0
+        assert attrs["seed"] == t.number and attrs["hparams"]["lr"] == t.params["lr"]
+        assert sorted(t.intermediate_values) == [1, 2]
+
+
+def test_resume_adds_trials_and_a_changed_space_is_refused(workdir):
+    space = write_space(workdir / "s.yaml", tiny_space(study={"n_trials": 2}))
+    assert invoke("optimize", "--space", space).exit_code == 0
+    assert invoke("optimize", "--space", space, "--n-trials", "1").exit_code == 0
+    assert len(load("tiny", workdir).get_trials()) == 3
+
+    changed = write_space(workdir / "s2.yaml", tiny_space(params={"lr": 0.01}))
+    result = invoke("optimize", "--space", changed)
+    assert result.exit_code == 2
+    assert "study 'tiny' in sqlite:///studies/tiny.db was created from a different search space" in result.stderr
+    assert len(load("tiny", workdir).get_trials()) == 3
+
+
+def test_same_seed_gives_identical_trial_values(workdir):
+    space = parse_space(
+        tiny_space(
+            params={"augment": {"choices": ["none", "affine"]}, "imbalance": {"choices": ["none", "oversample"]}}
+        )
+    )
+    values = []
+    for name in ("a", "b"):
+        run = space.model_copy(update={"study": space.study.model_copy(update={"name": name})})
+        study = run_optimize(run, storage_url=f"sqlite:///studies/{name}.db", cache_dir=workdir / "cache")
+        values.append([(t.params, t.value) for t in study.get_trials()])
+    assert values[0] == values[1]
+
+
+def test_nan_trial_is_pruned_with_its_reason_and_the_study_goes_on(workdir):
+    space = tiny_space(
+        study={"n_trials": 4, "sampler": {"name": "random", "seed": 1}},
+        params={
+            "model": "mlp",
+            "hidden_sizes": [256, 256, 256, 256],
+            "optimizer": "sgd",
+            "momentum": 0.99,
+            "lr": {"choices": [10.0, 0.001]},
+            "batch_size": 16,
+        },
+    )
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 0, result.output
+    trials = load("tiny", workdir).get_trials()
+    diverged = [t for t in trials if t.params["lr"] == 10.0]
+    assert diverged and all(t.state == TrialState.PRUNED for t in diverged)
+    assert all("non-finite" in t.user_attrs["prune_reason"] for t in diverged)
+    assert any(t.state == TrialState.COMPLETE for t in trials)
+    assert "non-finite" in result.output
+
+
+def test_optimize_never_reads_the_test_split(workdir):
+    rng = np.random.default_rng(0)
+    np.savez(
+        workdir / "locked.npz",
+        train_images=rng.integers(0, 255, (60, 12, 12), dtype=np.uint8),
+        train_labels=np.array([0] * 45 + [1] * 15, dtype=np.uint8).reshape(-1, 1),
+        val_images=rng.integers(0, 255, (20, 12, 12), dtype=np.uint8),
+        val_labels=np.array([0] * 15 + [1] * 5, dtype=np.uint8).reshape(-1, 1),
+        # Reading these needs allow_pickle=True, which tuner never passes: any read would fail the run.
+        test_images=np.array([object()] * 4, dtype=object),
+        test_labels=np.array([object()] * 4, dtype=object),
+    )
+    space = write_space(
+        workdir / "s.yaml", tiny_space(data={"source": "locked.npz", "image_size": 12}, study={"n_trials": 1})
+    )
+    result = invoke("optimize", "--space", space)
+    assert result.exit_code == 0, result.output
+    assert load("tiny", workdir).user_attrs["test_set_reads"] == []
+
+
+def test_trials_and_best_commands(workdir):
+    space = write_space(workdir / "s.yaml", tiny_space())
+    assert invoke("optimize", "--space", space).exit_code == 0
+    table = invoke("trials", "--study", "tiny")
+    assert table.exit_code == 0 and "COMPLETE" in table.stdout and "lr" in table.stdout
+    best = invoke("best", "--study", "tiny", "--json")
+    assert best.exit_code == 0, best.output
+    data = json.loads(best.stdout)
+    study = load("tiny", workdir)
+    assert data["number"] == study.best_trial.number and data["value"] == study.best_value
+    assert data["params"] == study.best_trial.params and data["best_epoch"] in (1, 2)
+    missing = invoke("best", "--study", "nope")
+    assert missing.exit_code == 2 and "no study 'nope'" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "does/not/exist"], "data source does/not/exist does not exist"),
+        (
+            ["--storage", "postgresql://tuner:s3cret@127.0.0.1:9/tuner"],
+            "cannot open the study storage postgresql://tuner:***@127.0.0.1:9/tuner",
+        ),
+        (["--storage", "not a url"], "storage must be an SQLAlchemy URL"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_no_study(workdir, args, message):
+    space = write_space(workdir / "s.yaml", tiny_space())
+    result = invoke("optimize", "--space", space, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert "s3cret" not in result.output
+    assert not list(workdir.glob("studies/*.db"))
+
+
+def _has_running_trial(db: Path) -> bool:
+    """Read-only look at the database (opening Optuna's storage here would race its table creation)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return con.execute("SELECT count(*) FROM trials WHERE state = 'RUNNING'").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def test_ctrl_c_leaves_no_trial_running(workdir):
+    space = tiny_space(
+        study={"n_trials": 50},
+        data={"image_size": 32, "synthetic": {"n_images": 400, "minority_fraction": 0.2}},
+        train={"max_epochs": 200},
+    )
+    path = write_space(workdir / "s.yaml", space)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuner", "optimize", "--space", str(path)], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        db = workdir / "studies" / "tiny.db"
+        while time.time() < deadline and not _has_running_trial(db):
+            time.sleep(0.3)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr
+    states = [t.state for t in load("tiny", workdir).get_trials()]
+    assert states and TrialState.RUNNING not in states
