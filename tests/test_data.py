@@ -191,7 +191,7 @@ def test_balanced_class_weights_match_sklearn_rule():
 
 @pytest.mark.parametrize("name", sorted(AUGMENT_PRESETS))
 def test_augmentations_keep_shape_and_dtype_and_differ_per_sample(name):
-    x = torch.rand(1, 3, 24, 24).expand(16, -1, -1, -1).contiguous()  # the same image 16 times
+    x = (torch.rand(1, 3, 24, 24) * 255).expand(16, -1, -1, -1).contiguous()  # the same image 16 times
     out = BatchAugment.from_name(name)(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and out.dtype == x.dtype
     distinct = len({tuple(o.flatten().tolist()) for o in out})
@@ -201,3 +201,12 @@ def test_augmentations_keep_shape_and_dtype_and_differ_per_sample(name):
 def test_unknown_augmentation_lists_the_valid_ones():
     with pytest.raises(ValueError, match="flip_rotate"):
         BatchAugment.from_name("mixup")
+
+
+def test_sampling_grid_equals_affine_grid():
+    from torch.nn.functional import affine_grid
+
+    from tuner.data.augment import sampling_grid
+
+    theta = BatchAugment.from_name("affine").affine_matrices(5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sampling_grid(theta, 13, 17), affine_grid(theta, [5, 3, 13, 17], align_corners=False))

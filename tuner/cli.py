@@ -233,7 +233,13 @@ def trials(
             _fmt(r["duration_s"]),
             r["reason"] or "",
         )
-    out.print(table)
+    # Piped output has no terminal width; a wide table beats one truncated to 80 columns.
+    wide = out if out.is_terminal else Console(width=max(160, table_width(names)))
+    wide.print(table)
+
+
+def table_width(names: list[str]) -> int:
+    return 60 + 12 * len(names)
 
 
 @app.command()

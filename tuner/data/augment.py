@@ -25,6 +25,7 @@ class AugmentConfig:
     shear: float = 0.0  # degrees
     brightness: float = 0.0  # factor uniform in [1 - b, 1 + b]
     contrast: float = 0.0  # factor uniform in [1 - c, 1 + c]
+    interpolation: str = "bilinear"  # or "nearest" (torchvision's RandomRotation default)
 
     @property
     def geometric(self) -> bool:
@@ -46,8 +47,20 @@ def _uniform(n: int, half_width: float, generator: torch.Generator) -> torch.Ten
     return (torch.rand(n, generator=generator) * 2 - 1) * half_width
 
 
+def sampling_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` by broadcasting: same values,
+    several times faster on CPU than its batched matrix product."""
+    xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
+    ys = ((torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1)[:, None]
+    grid = torch.empty(theta.shape[0], height, width, 2, device=theta.device, dtype=theta.dtype)
+    t = theta[:, :, :, None, None]
+    for axis in (0, 1):
+        torch.add(t[:, axis, 0] * xs, t[:, axis, 1] * ys + t[:, axis, 2], out=grid[..., axis])
+    return grid
+
+
 class BatchAugment:
-    """Callable that augments a float batch ``N×C×H×W`` in [0, 1] on its own device."""
+    """Callable that augments a float batch ``N×C×H×W`` of pixel values in [0, 255] on its own device."""
 
     def __init__(self, config: AugmentConfig) -> None:
         self.config = config
@@ -85,8 +98,8 @@ class BatchAugment:
         n = x.shape[0]
         if c.geometric:
             theta = self.affine_matrices(n, generator).to(x.device, x.dtype, non_blocking=True)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            grid = sampling_grid(theta, x.shape[-2], x.shape[-1])
+            x = F.grid_sample(x, grid, mode=c.interpolation, padding_mode="zeros", align_corners=False)
         elif c.hflip or c.vflip:
             # Flips alone need no resampling: select between the image and its mirror.
             for prob, dim in ((c.hflip, -1), (c.vflip, -2)):
@@ -98,5 +111,5 @@ class BatchAugment:
             contrast = (1 + _uniform(n, c.contrast, generator)).to(x.device, x.dtype)[:, None, None, None]
             mean = x.mean(dim=(1, 2, 3), keepdim=True)
             x = ((x - mean) * contrast + mean) * gain
-            x = x.clamp(0, 1)
+            x = x.clamp(0, 255)
         return x

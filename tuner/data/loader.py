@@ -19,13 +19,16 @@ from tuner.data.augment import BatchAugment
 
 @dataclass(frozen=True)
 class Normalize:
+    """Per-channel ``(x / 255 - mean) / std`` for pixel values in [0, 255]."""
+
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        """Normalise ``x`` in place (a fresh batch the caller owns)."""
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        return (x - mean) / std
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return x.mul_(1 / (255 * std)).add_(-mean / std)  # in place: far faster than addcmul(out=x) on CPU
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ def iterate_batches(
     indices = indices.to(split.images.device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
-        x = split.images[idx].float().div_(255)
+        # index_select: several times faster than advanced indexing on CPU. Pixel values stay 0..255.
+        x = torch.index_select(split.images, 0, idx).to(torch.float32)
         if augment is not None and augment.active:
             assert generator is not None, "augmentation needs a generator"
             x = augment(x, generator)
         x = normalize(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, split.labels[idx]
+        yield x, torch.index_select(split.labels, 0, idx)
