@@ -37,8 +37,8 @@ data_app = typer.Typer(help="Data sources.", no_args_is_help=True)
 app.add_typer(space_app, name="space")
 app.add_typer(data_app, name="data")
 
-out = Console()
-err = Console(stderr=True)
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
