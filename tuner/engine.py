@@ -9,7 +9,6 @@ improvement and keeps the best epoch's weights.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 import resource
@@ -72,6 +71,9 @@ class FitResult:
     images_per_second: float
     peak_memory_mb: float
     stopped_early: bool
+    # validation probabilities and targets of the best epoch (None without validation)
+    best_val_probs: torch.Tensor | None = field(default=None, repr=False)
+    val_targets: torch.Tensor | None = field(default=None, repr=False)
 
 
 @torch.inference_mode()
@@ -153,11 +155,15 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def fit(
     model: nn.Module,
     *,
     train_batches: Callable[[int], Batches],
-    val_batches: Callable[[], Batches],
+    val_batches: Callable[[], Batches] | None,
     loss_fn: nn.Module,
     to_probs: Callable[[torch.Tensor], torch.Tensor],
     metrics_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
@@ -172,7 +178,11 @@ def fit(
     amp: bool = False,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
-    """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches."""
+    """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches.
+
+    Without ``val_batches`` (a refit on train+val) nothing is validated, ``monitor`` may only
+    be ``train_loss`` and the last epoch is the one kept.
+    """
     device = next(model.parameters()).device
     use_scaler = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
@@ -181,6 +191,7 @@ def fit(
     sign = 1.0 if mode == "max" else -1.0
     history: dict[str, list[float]] = {}
     best_value, best_epoch, best_state = math.nan, 0, {}
+    best_probs = targets = None
     train_seconds = epoch_seconds = 0.0
     images_seen = 0
     stopped_early = False
@@ -202,9 +213,11 @@ def fit(
         if not math.isfinite(train_loss):
             raise NonFiniteLossError(epoch)
         train_done = time.perf_counter()
-        probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=amp)
-        metrics = {"train_loss": train_loss, "val_loss": val_loss}
-        metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
+        metrics = {"train_loss": train_loss}
+        if val_batches is not None:
+            probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=amp)
+            metrics["val_loss"] = val_loss
+            metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         schedule.after_epoch(metrics[monitor])
         end = time.perf_counter()
@@ -217,17 +230,17 @@ def fit(
 
         value = metrics[monitor]
         improved = math.isfinite(value) and (not best_epoch or sign * value > sign * best_value)
-        if improved:
-            best_value, best_epoch = value, epoch
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        if improved and val_batches is not None:
+            best_value, best_epoch, best_probs = value, epoch, probs
+            best_state = _cpu_copy(model)
         log.debug("epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if patience is not None and best_epoch and epoch - best_epoch >= patience:
             stopped_early = True
             break
-    if not best_epoch:
-        best_value, best_epoch, best_state = float("nan"), epoch, copy.deepcopy(model.state_dict())
+    if not best_epoch:  # no validation, or never a finite value: keep the last epoch
+        best_value, best_epoch, best_state = history.get(monitor, [math.nan])[-1], epoch, _cpu_copy(model)
     return FitResult(
         history=history,
         best_epoch=best_epoch,
@@ -238,4 +251,6 @@ def fit(
         images_per_second=images_seen / train_seconds if train_seconds > 0 else float("nan"),
         peak_memory_mb=peak_memory_mb(device),
         stopped_early=stopped_early,
+        best_val_probs=best_probs,
+        val_targets=targets,
     )

@@ -65,3 +65,78 @@ def classification_metrics(
         value = float(value)
         out[name] = value if math.isfinite(value) else float("nan")
     return out
+
+
+# ---------------------------------------------------------------- operating point
+
+THRESHOLD_RULES = ("youden", "max_f1", "target_recall", "fixed")
+
+
+def choose_threshold(
+    probs: torch.Tensor, target: torch.Tensor, *, positive_index: int, rule: str = "youden", recall: float = 0.95
+) -> float:
+    """The decision threshold on the positive class's probability, chosen on validation.
+
+    ``youden``: maximises sensitivity + specificity - 1; ``max_f1``: maximises F1;
+    ``target_recall``: the highest threshold whose recall reaches ``recall`` (screening);
+    ``fixed``: 0.5.
+    """
+    score = probs.detach().float().cpu()[:, positive_index]
+    is_pos = (target.detach().cpu() == positive_index).long()
+    if rule == "fixed" or is_pos.sum() == 0 or is_pos.sum() == len(is_pos):
+        return 0.5
+    if rule == "youden":
+        fpr, tpr, thresholds = tmf.binary_roc(score, is_pos)
+        best = int(torch.argmax(tpr - fpr))
+        return float(thresholds[best].clamp(0, 1))
+    precision, rec, thresholds = tmf.binary_precision_recall_curve(score, is_pos)
+    precision, rec = precision[:-1], rec[:-1]  # the last point has no threshold
+    if rule == "max_f1":
+        f1 = 2 * precision * rec / (precision + rec).clamp_min(1e-12)
+        return float(thresholds[int(torch.argmax(f1))])
+    if rule == "target_recall":
+        reaching = torch.nonzero(rec >= recall).flatten()
+        return float(thresholds[int(reaching.max())]) if len(reaching) else float(thresholds[0])
+    raise ValueError(f"threshold rule must be one of {', '.join(THRESHOLD_RULES)}, but got rule={rule!r}")
+
+
+def evaluation_report(
+    probs: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    class_names: tuple[str, ...] | list[str],
+    positive_index: int | None,
+    threshold: float = 0.5,
+) -> dict:
+    """Everything a test evaluation reports: the headline metrics (binary: at ``threshold`` for the
+    positive class), MCC, prevalence, the confusion matrix and per-class precision/recall/F1."""
+    probs = probs.detach().float().cpu()
+    target = target.detach().long().cpu()
+    k = probs.shape[1]
+    binary = k == 2 and positive_index is not None
+    out = classification_metrics(probs, target, positive_index=positive_index, threshold=threshold)
+    if binary:
+        score = probs[:, positive_index]
+        is_pos = (target == positive_index).long()
+        # torchmetrics' own thresholding, so the matrix agrees with the metrics above to the last item
+        matrix = tmf.binary_confusion_matrix(score, is_pos, threshold=threshold)  # [negative, positive]
+        if positive_index == 0:
+            matrix = matrix.flip(0, 1)
+        out["mcc"] = float(tmf.binary_matthews_corrcoef(score, (target == positive_index).long(), threshold=threshold))
+        out["prevalence"] = float((target == positive_index).float().mean())
+        out["threshold"] = threshold
+    else:
+        out["mcc"] = float(tmf.multiclass_matthews_corrcoef(probs, target, num_classes=k))
+        out["prevalence"] = {name: float((target == i).float().mean()) for i, name in enumerate(class_names)}
+        matrix = tmf.multiclass_confusion_matrix(probs, target, num_classes=k)
+    out["confusion_matrix"] = matrix.tolist()  # rows: true class, columns: predicted
+    per_class = {}
+    for i, name in enumerate(class_names):
+        tp = int(matrix[i, i])
+        support, predicted_i = int(matrix[i].sum()), int(matrix[:, i].sum())
+        p = tp / predicted_i if predicted_i else 0.0
+        r = tp / support if support else 0.0
+        per_class[name] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": support}
+    out["per_class"] = per_class
+    out["n"] = len(target)
+    return out

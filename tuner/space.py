@@ -103,6 +103,13 @@ PrunerSettings = Annotated[
 PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
 
 
+class ThresholdSettings(_Frozen):
+    """How the binary decision threshold is chosen on validation, frozen for the test set."""
+
+    rule: Literal["youden", "max_f1", "target_recall", "fixed"] = "youden"
+    recall: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95  # for target_recall
+
+
 class StudySettings(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
     metric: Literal[METRICS] = "val_auroc"  # type: ignore[valid-type]
@@ -111,6 +118,9 @@ class StudySettings(_Frozen):
     pruner: PrunerSettings = MedianPrunerSettings()
     n_trials: Annotated[int, Field(ge=1)] = 20
     timeout: Annotated[float, Field(gt=0)] | None = None
+    threshold: ThresholdSettings = ThresholdSettings()
+    artifacts: bool = True  # plots and per-class metrics of each completed trial, for the dashboard
+    save_checkpoints: bool = False  # also each completed trial's best weights, as an artifact
 
     @property
     def resolved_direction(self) -> str:
@@ -415,6 +425,7 @@ def _with_valid_keys(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
         "data": DataSettings,
         "train": TrainSettings,
         "study.sampler": SamplerSettings,
+        "study.threshold": ThresholdSettings,
         "data.synthetic": SyntheticSettings,
     }
     out = []

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,13 +24,16 @@ from typing import Any
 import optuna
 import sqlalchemy
 import torch
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.data import Dataset, load_dataset
-from tuner.engine import NonFiniteLossError, resolve_device
+from tuner.engine import FitResult, NonFiniteLossError, resolve_device
 from tuner.errors import StorageError, TunerError
+from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
+from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
 from tuner.space import SamplerSettings, SearchSpace, suggest
 from tuner.training import DeviceData, TrainSettings, train_model
 
@@ -146,7 +150,7 @@ def build_pruner(settings: Any, max_epochs: int) -> optuna.pruners.BasePruner:
 # ------------------------------------------------------------------ study
 
 
-def open_study(space: SearchSpace, storage_url: str, data: Dataset) -> optuna.Study:
+def open_study(space: SearchSpace, storage_url: str, data: Dataset, artifacts_dir: Path | None = None) -> optuna.Study:
     """Create the study, or load it if it exists and was made from the same space (resume)."""
     storage = open_storage(storage_url)
     name = space.study.name
@@ -177,6 +181,7 @@ def open_study(space: SearchSpace, storage_url: str, data: Dataset) -> optuna.St
             },
         )
         study.set_user_attr("test_set_reads", [])
+        study.set_user_attr("artifact_dir", str(artifact_dir(name, storage_url, artifacts_dir)))
     elif attrs["space_fingerprint"] != fingerprint:
         raise StorageError(
             f"study {name!r} in {redact(storage_url)} was created from a different search space "
@@ -186,12 +191,27 @@ def open_study(space: SearchSpace, storage_url: str, data: Dataset) -> optuna.St
     return study
 
 
+def artifact_dir(study_name: str, storage_url: str, explicit: Path | None = None) -> Path:
+    """Where a study's artifacts live: ``--artifacts`` if given, else beside the study's SQLite file
+    (``studies/<study>.artifacts``), else ``studies/<study>.artifacts`` under the working folder."""
+    if explicit is not None:
+        return explicit.resolve()
+    parsed = sqlalchemy.engine.make_url(storage_url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return Path(parsed.database).resolve().with_suffix(".artifacts")
+    return (STUDIES_DIR / f"{study_name}.artifacts").resolve()
+
+
 class Objective:
     """Optuna objective: hyperparameters -> trained model -> best validation metric."""
 
-    def __init__(self, space: SearchSpace, data: DeviceData) -> None:
+    def __init__(
+        self, space: SearchSpace, data: DeviceData, class_names: tuple[str, ...] = (), artifacts: Path | None = None
+    ) -> None:
         self.space = space
         self.data = data
+        self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
+        self.artifact_store = FileSystemArtifactStore(str(artifacts)) if artifacts is not None else None
         self.metric = space.study.metric
         self.settings = TrainSettings(
             max_epochs=space.train.max_epochs,
@@ -223,7 +243,7 @@ class Objective:
                 raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
 
         try:
-            _, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
+            model, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
         except NonFiniteLossError as err:
             trial.set_user_attr("history", history)
             trial.set_user_attr("prune_reason", str(err))
@@ -241,6 +261,9 @@ class Objective:
             trial.set_user_attr("seconds_per_epoch", round(result.seconds_per_epoch, 4))
             trial.set_user_attr("images_per_second", round(result.images_per_second, 1))
             trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
+            self._operating_point(trial, result)
+            if self.artifact_store is not None:
+                self._upload_artifacts(trial, result)
             return result.best_value
         gc.collect()
         if torch.cuda.is_available():
@@ -249,9 +272,65 @@ class Objective:
         trial.set_user_attr("fail_reason", reason)
         raise TrialFault(reason)
 
+    def _binary(self) -> bool:
+        return self.data.num_classes == 2 and self.data.positive_index is not None
 
-def prepare(space: SearchSpace, *, cache_dir: Path) -> Dataset:
-    """Load the train and validation splits (never the test split) for ``optimize``."""
+    def _operating_point(self, trial: optuna.Trial, result: FitResult) -> None:
+        """Choose the decision threshold on validation at the best epoch; refit applies it to test, frozen."""
+        if not self._binary() or result.best_val_probs is None:
+            return
+        rule = self.space.study.threshold
+        threshold = choose_threshold(
+            result.best_val_probs,
+            result.val_targets,
+            positive_index=self.data.positive_index,
+            rule=rule.rule,
+            recall=rule.recall,
+        )
+        at = classification_metrics(
+            result.best_val_probs, result.val_targets, positive_index=self.data.positive_index, threshold=threshold
+        )
+        trial.set_user_attr("threshold", threshold)
+        trial.set_user_attr("val_at_threshold", at)
+
+    def _upload_artifacts(self, trial: optuna.Trial, result: FitResult) -> None:
+        """Curves, validation confusion matrix, ROC/PR and per-class CSV (and the checkpoint if asked) for the dashboard."""
+        threshold = trial.user_attrs.get("threshold", 0.5)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            files = [plot_history(result.history, self.metric, folder / "curves.png")]
+            if result.best_val_probs is not None:
+                val = evaluation_report(
+                    result.best_val_probs,
+                    result.val_targets,
+                    class_names=self.class_names,
+                    positive_index=self.data.positive_index,
+                    threshold=threshold,
+                )
+                files.append(
+                    plot_confusion(val["confusion_matrix"], self.class_names, folder / "val_confusion_matrix.png")
+                )
+                files.append(per_class_csv(val["per_class"], folder / "val_per_class.csv"))
+                if self._binary():
+                    files.append(
+                        plot_roc_pr(
+                            result.best_val_probs,
+                            result.val_targets,
+                            positive_index=self.data.positive_index,
+                            threshold=threshold,
+                            path=folder / "val_roc_pr.png",
+                        )
+                    )
+            if self.space.study.save_checkpoints:
+                checkpoint = folder / "best_checkpoint.pt"
+                torch.save({"state_dict": result.best_state, "hparams": trial.user_attrs["hparams"]}, checkpoint)
+                files.append(checkpoint)
+            for path in files:
+                upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial)
+
+
+def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) -> Dataset:
+    """Load the train and validation splits; the test split only with ``include_test`` (refit)."""
     d = space.data
     return load_dataset(
         d.source,
@@ -265,7 +344,7 @@ def prepare(space: SearchSpace, *, cache_dir: Path) -> Dataset:
         positive_class=d.positive_class,
         synthetic_options=d.synthetic.model_dump(),
         cache_dir=cache_dir,
-        include_test=False,
+        include_test=include_test,
     )
 
 
@@ -276,14 +355,21 @@ def run_optimize(
     cache_dir: Path = STUDIES_DIR / "cache",
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     dataset: Dataset | None = None,
+    artifacts_dir: Path | None = None,
 ) -> optuna.Study:
     """Run ``space.study.n_trials`` more trials of the study (creating it if needed)."""
     dataset = dataset or prepare(space, cache_dir=cache_dir)
-    study = open_study(space, storage_url, dataset)
+    study = open_study(space, storage_url, dataset, artifacts_dir)
     device = resolve_device(space.train.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    objective = Objective(space, DeviceData.from_dataset(dataset, device))
+    artifacts = None
+    if space.study.artifacts:
+        artifacts = Path(
+            study.user_attrs.get("artifact_dir") or artifact_dir(space.study.name, storage_url, artifacts_dir)
+        )
+        artifacts.mkdir(parents=True, exist_ok=True)
+    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, artifacts)
     study.optimize(
         objective,
         n_trials=space.study.n_trials,

@@ -40,7 +40,7 @@ class DeviceData:
     """A data set's train and validation splits moved to the training device once."""
 
     train: TensorSplit
-    val: TensorSplit
+    val: TensorSplit | None  # None for a refit on train+val
     train_labels: np.ndarray
     num_classes: int
     positive_index: int | None
@@ -53,6 +53,21 @@ class DeviceData:
             train=TensorSplit.from_numpy(dataset.train.images, dataset.train.labels, device),
             val=TensorSplit.from_numpy(dataset.val.images, dataset.val.labels, device),
             train_labels=dataset.train.labels,
+            num_classes=dataset.num_classes,
+            positive_index=dataset.positive_index,
+            channels=dataset.channels,
+            image_size=dataset.image_size,
+        )
+
+    @classmethod
+    def train_and_val(cls, dataset: Dataset, device: torch.device) -> DeviceData:
+        """Train and validation together as the training split (refit), no validation."""
+        images = np.concatenate([dataset.train.images, dataset.val.images])
+        labels = np.concatenate([dataset.train.labels, dataset.val.labels])
+        return cls(
+            train=TensorSplit.from_numpy(images, labels, device),
+            val=None,
+            train_labels=labels,
             num_classes=dataset.num_classes,
             positive_index=dataset.positive_index,
             channels=dataset.channels,
@@ -105,8 +120,13 @@ def train_model(
     *,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    epochs: int | None = None,
 ) -> tuple[Classifier, FitResult]:
-    """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both."""
+    """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both.
+
+    ``epochs`` stops training early (refit) while the LR schedule stays planned over
+    ``settings.max_epochs``, so those epochs follow exactly the trial's schedule.
+    """
     seed_everything(seed)
     device = data.train.images.device
     channels_last = settings.channels_last and device.type == "cuda"
@@ -167,6 +187,7 @@ def train_model(
         )
 
     def val_batches():  # noqa: ANN202
+        assert data.val is not None
         order = torch.arange(len(data.val))
         return iterate_batches(
             data.val, order, settings.eval_batch_size, normalize=normalize, channels_last=channels_last
@@ -175,13 +196,13 @@ def train_model(
     result = fit(
         model,
         train_batches=train_batches,
-        val_batches=val_batches,
+        val_batches=val_batches if data.val is not None else None,
         loss_fn=loss_fn,
         to_probs=to_probs,
         metrics_fn=partial(classification_metrics, positive_index=data.positive_index),
         optimizer=optimizer,
         schedule=schedule,
-        max_epochs=settings.max_epochs,
+        max_epochs=epochs or settings.max_epochs,
         monitor=settings.monitor,
         mode=settings.mode,
         patience=settings.patience,

@@ -148,3 +148,37 @@ def load_dataset(
         fingerprint=src.fingerprint,
         cache_hits=hits,
     )
+
+
+def load_labelled_images(
+    source: str,
+    *,
+    image_size: int,
+    channels: int,
+    label_aliases: dict[str, str] | None = None,
+    group_column: str | None = None,
+    cache_dir: Path = Path("studies/cache"),
+) -> tuple[Split, list[str], str, str]:
+    """For evaluating a saved model: the source's own test split if it defines one, else all its images.
+
+    Returns the split (labels index into the returned, sorted label names), those names,
+    the source's description and which part was used ("test" or "all").
+    """
+    src = open_source(source, group_column=group_column)
+    blocks = {b.name: b for b in src.blocks(True)}
+    chosen = [blocks["test"]] if "test" in blocks else list(blocks.values())
+    aliases = label_aliases or {}
+    images, labels, groups = [], [], []
+    for block in chosen:
+        decoded, _ = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
+        images.append(np.asarray(decoded))
+        labels += [aliases.get(v, v) for v in block.labels]
+        groups += list(block.groups) if block.groups is not None else []
+    names = sorted(set(labels), key=_natural_key)
+    index = {name: i for i, name in enumerate(names)}
+    split = Split(
+        np.concatenate(images),
+        np.array([index[v] for v in labels], dtype=np.int64),
+        np.array(groups, dtype=object) if groups else None,
+    )
+    return split, names, src.description, "test" if "test" in blocks else "all"
