@@ -99,3 +99,23 @@ def write_space(path: Path, space: dict) -> Path:
 def invoke(*args: str):
     result = CliRunner().invoke(app, [str(a) for a in args])
     return result
+
+
+@pytest.fixture
+def lesion_npz(tmp_path: Path) -> Path:
+    """The built-in synthetic lesions as a MedMNIST-style archive with its own train/val/test splits."""
+    from tuner.data.synthetic import make_synthetic
+
+    images, labels = make_synthetic(360, image_size=16, minority_fraction=0.25, seed=5)
+    images = images.transpose(0, 2, 3, 1)  # N×H×W×C, as MedMNIST stores colour images
+    path = tmp_path / "lesions.npz"
+    np.savez(
+        path,
+        train_images=images[:220],
+        train_labels=labels[:220, None],
+        val_images=images[220:290],
+        val_labels=labels[220:290, None],
+        test_images=images[290:],
+        test_labels=labels[290:, None],
+    )
+    return path

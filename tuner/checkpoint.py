@@ -89,7 +89,7 @@ def save_model(
         "seed": seed,
         "versions": {
             "tuner": __version__,
-            "torch": torch.__version__,
+            "torch": str(torch.__version__),
             "timm": timm.__version__,
             "optuna": optuna.__version__,
             "python": platform.python_version(),

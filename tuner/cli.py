@@ -275,16 +275,178 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
 ) -> None:
-    """Serve optuna-dashboard on the study's storage."""
+    """Serve optuna-dashboard on the study's storage, with its artifact store (plots, CSVs, checkpoints)."""
     import optuna_dashboard
+    from optuna.artifacts import FileSystemArtifactStore
 
     from tuner.study import load_existing_study, redact
 
     s = load_existing_study(study, storage)
-    err.print(
-        f"optuna-dashboard for {redact(storage or _default_storage(study))} at http://{host}:{port}/dashboard/  (Ctrl-C to stop)"
+    folder = s.user_attrs.get("artifact_dir")
+    store = FileSystemArtifactStore(folder) if folder and Path(folder).is_dir() else None
+    err.print(f"optuna-dashboard for {redact(storage or _default_storage(study))} at http://{host}:{port}/dashboard/")
+    err.print(f"artifacts from {folder}" if store else "no artifact store for this study", highlight=False)
+    err.print("Ctrl-C to stop")
+    optuna_dashboard.run_server(s._storage, host=host, port=port, artifact_store=store)
+
+
+@app.command()
+@user_errors
+def refit(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    best_trial: Annotated[bool, typer.Option("--best", help="Refit the best trial (the default).")] = False,
+    trial: Annotated[Optional[int], typer.Option("--trial", help="Refit this trial number instead.")] = None,
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="Repeat with this many seeds: mean, sd and a bootstrap 95% CI.")
+    ] = 1,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder; default studies/<study>/refit.")
+    ] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Data source, if it moved since optimize.")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier refit's output.")] = False,
+    allow_test_reuse: Annotated[
+        bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged another trial.")
+    ] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CI.")] = 1000,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Retrain a trial on train+validation and evaluate it once on the locked test split."""
+    from tuner.refit import refit as run_refit
+    from tuner.study import load_existing_study
+
+    _setup_logging(verbose, quiet)
+    if best_trial and trial is not None:
+        raise TunerError("give either --best or --trial N, not both")
+    s = load_existing_study(study, storage)
+    progress = Progress(
+        TextColumn("[bold]seeds"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
     )
-    optuna_dashboard.run_server(s._storage, host=host, port=port)
+    with progress:
+        task = progress.add_task("seeds", total=seeds)
+        report = run_refit(
+            s,
+            trial_number=trial,
+            seeds=seeds,
+            out_dir=out_dir,
+            data=data,
+            cache_dir=cache_dir,
+            device=device,
+            allow_test_reuse=allow_test_reuse,
+            force=force,
+            n_bootstrap=bootstrap,
+            on_seed=lambda done, total: progress.update(task, completed=done),
+        )
+    _print_test_summary(
+        report, f"trial {report['trial']} refit on train+val for {report['epochs']} epochs, seeds {report['seeds']}"
+    )
+    folder = out_dir or Path("studies") / study / "refit"
+    out.print(f"model, predictions, plots and report in {folder}/", highlight=False)
+
+
+def _print_test_summary(report: dict, headline: str) -> None:
+    out.print(headline, highlight=False)
+    if report.get("positive_class"):
+        out.print(
+            f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} (chosen on validation)"
+        )
+    table = Table(title=f"test set, n={report['n_test']}")
+    for col in ("metric", "mean", "sd", "95% CI"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name in ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy", "mcc"):
+        m = report["summary"].get(name)
+        if m:
+            ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+            table.add_row(name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", ci)
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="A model.pt written by refit.", dir_okay=False)],
+    data: Annotated[
+        str, typer.Option("--data", help="Image folder, CSV manifest or .npz: its test split, else all of it.")
+    ],
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder; default <model folder>/evaluate.")
+    ] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier evaluation's output.")] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CI.")] = 1000,
+) -> None:
+    """Evaluate a saved model on a data set, with its frozen threshold."""
+    from tuner.refit import evaluate as run_evaluate
+
+    report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, n_bootstrap=bootstrap)
+    _print_test_summary(report, f"{model} on {report['data']} ({report['split']})")
+
+
+@app.command()
+@user_errors
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.", exists=False)],
+    model: Annotated[Path, typer.Option("--model", help="A model.pt written by refit.", dir_okay=False)],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV file; default stdout.")] = None,
+) -> None:
+    """Class probabilities and the thresholded label for each image, as CSV."""
+    import csv
+
+    from tuner.checkpoint import load_model
+    from tuner.data.sources import decode_files
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise TunerError(f"image file(s) not found: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    saved = load_model(model)
+    probs = saved.probabilities(decode_files(list(images), saved.image_size, saved.channels))
+    labels = saved.decide(probs)
+    fh = output.open("w", newline="") if output else sys.stdout
+    writer = csv.writer(fh)
+    writer.writerow(["path", *[f"p_{c}" for c in saved.class_names], "label"])
+    for path, row, label in zip(images, probs.tolist(), labels.tolist(), strict=True):
+        writer.writerow([str(path), *[f"{p:.6f}" for p in row], saved.class_names[label]])
+    if output:
+        fh.close()
+
+
+@app.command()
+@user_errors
+def report(
+    study: StudyOpt,
+    storage: StorageOpt = None,
+    top: Annotated[int, typer.Option(help="How many top trials to list.")] = 10,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder; default studies/<study>/report.")
+    ] = None,
+) -> None:
+    """The study view: top trials, parameter importances, optimization history (written as files too)."""
+    from tuner.report import study_report
+    from tuner.study import load_existing_study
+
+    s = load_existing_study(study, storage)
+    folder = out_dir or Path("studies") / study / "report"
+    summary = study_report(s, folder, top=top)
+    table = Table(title=f"{study}: top {len(summary['top_trials'])} of {summary['n_trials']} trials")
+    for col in ("#", summary["metric"], "best epoch", "threshold", "params"):
+        table.add_column(col)
+    for t in summary["top_trials"]:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        table.add_row(str(t["number"]), _fmt(t["value"]), _fmt(t["best_epoch"]), _fmt(t["threshold"]), params)
+    out.print(table)
+    if summary["importances"]:
+        out.print(
+            "parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items())
+        )
+    out.print(f"report, plots and JSON in {folder}/", highlight=False)
 
 
 @space_app.command("check")

@@ -133,3 +133,93 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(lines) + "\n")
     return json_path, md_path
+
+
+def plot_optimization_history(
+    numbers: Sequence[int], values: Sequence[float], *, maximize: bool, metric: str, path: Path
+) -> Path:
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.subplots()
+    ax.scatter(numbers, values, s=14, label="completed trial")
+    best, running = [], None
+    for v in values:
+        running = v if running is None else (max(running, v) if maximize else min(running, v))
+        best.append(running)
+    ax.step(numbers, best, where="post", color="tab:red", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title="optimization history")
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_importances(importances: Mapping[str, float], path: Path) -> Path:
+    names = list(importances)[::-1]
+    fig = Figure(figsize=(6, max(2.0, 0.8 + 0.35 * len(names))))
+    ax = fig.subplots()
+    ax.barh(names, [importances[n] for n in names])
+    ax.set(xlabel="importance (fANOVA)", title="hyperparameter importances")
+    return _save(fig, path)
+
+
+def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
+    """Top trials, parameter importances and the optimization history of an Optuna study, as files."""
+    import optuna
+    from optuna.trial import TrialState
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    maximize = study.direction.name == "MAXIMIZE"
+    metric = study.user_attrs.get("space", {}).get("study", {}).get("metric", "value")
+    ranked = sorted(completed, key=lambda t: -t.value if maximize else t.value)
+    importances: dict[str, float] = {}
+    if len(completed) >= 2:
+        try:
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+        except (RuntimeError, ValueError):  # e.g. no parameter varies
+            importances = {}
+    summary = {
+        "study": study.study_name,
+        "metric": metric,
+        "direction": study.direction.name.lower(),
+        "n_trials": len(study.get_trials(deepcopy=False)),
+        "states": {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState},
+        "top_trials": [
+            {
+                "number": t.number,
+                "value": t.value,
+                "best_epoch": t.user_attrs.get("best_epoch"),
+                "threshold": t.user_attrs.get("threshold"),
+                "params": t.params,
+            }
+            for t in ranked[:top]
+        ],
+        "importances": importances,
+        "test_set_reads": study.user_attrs.get("test_set_reads", []),
+    }
+    if completed:
+        plot_optimization_history(
+            [t.number for t in completed],
+            [t.value for t in completed],
+            maximize=maximize,
+            metric=metric,
+            path=out_dir / "optimization_history.png",
+        )
+    if importances:
+        plot_importances(importances, out_dir / "importances.png")
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    lines = [
+        f"# Study {study.study_name}",
+        "",
+        f"{summary['n_trials']} trials: " + ", ".join(f"{v} {k.lower()}" for k, v in summary["states"].items() if v),
+        "",
+    ]
+    lines += [f"| # | {metric} | best epoch | params |", "|---|---|---|---|"]
+    for t in summary["top_trials"]:
+        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        lines.append(f"| {t['number']} | {_fmt(t['value'])} | {t['best_epoch']} | {params} |")
+    if importances:
+        lines += ["", "| parameter | importance |", "|---|---|"] + [
+            f"| {k} | {v:.3f} |" for k, v in importances.items()
+        ]
+    lines += [""] + [f"![{p.name}]({p.name})" for p in sorted(out_dir.glob("*.png"))]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return summary

@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from tests.conftest import invoke, tiny_space, write_space
+from tuner.checkpoint import load_model
+from tuner.data import load_dataset
+from tuner.metrics import choose_threshold
+from tuner.study import load_existing_study
+
+
+def _space(npz: Path, **study) -> dict:
+    return tiny_space(
+        study={"n_trials": 3, "threshold": {"rule": "max_f1"}, "save_checkpoints": True, **study},
+        data={"source": str(npz), "image_size": 16, "label_aliases": {"0": "benign", "1": "malignant"}},
+        train={"max_epochs": 3},
+    )
+
+
+@pytest.fixture
+def optimized(workdir, lesion_npz) -> optuna.Study:
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", _space(lesion_npz)))
+    assert result.exit_code == 0, result.output
+    return load_existing_study("tiny", None)
+
+
+def _read_predictions(path: Path) -> dict[int, np.ndarray]:
+    rows: dict[int, list] = {}
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(int(row["seed"]), []).append(row)
+    return {seed: np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rs]) for seed, rs in rows.items()}
+
+
+def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, lesion_npz):
+    assert optimized.user_attrs["test_set_reads"] == []
+    best = optimized.best_trial
+    result = invoke("refit", "--study", "tiny", "--best", "--seeds", "2", "--bootstrap", "200")
+    assert result.exit_code == 0, result.output
+    assert "test set, n=70" in result.stdout and "auroc" in result.stdout
+
+    out = workdir / "studies" / "tiny" / "refit"
+    report = json.loads((out / "report.json").read_text())
+    # The refit replays exactly the trial's hyperparameters, epochs and threshold.
+    assert report["trial"] == best.number and report["hparams"] == best.user_attrs["hparams"]
+    assert report["params"] == best.params and report["epochs"] == best.user_attrs["best_epoch"]
+    assert report["threshold"] == best.user_attrs["threshold"]
+    assert report["seeds"] == [best.user_attrs["seed"], best.user_attrs["seed"] + 1000]
+    assert report["n_train"] == 290 and report["n_test"] == 70
+    for name in ("auroc", "auprc", "recall", "specificity", "f1", "mcc"):
+        s = report["summary"][name]
+        assert s["sd"] >= 0 and (name == "mcc" or s["ci_low"] <= s["ci_high"])
+    for file in ("model.pt", "predictions.csv", "report.md", "confusion_matrix.png", "roc_pr.png", "trial_curves.png"):
+        assert (out / file).exists(), file
+
+    # AUROC in the report equals scikit-learn's on the saved predictions.
+    test = np.load(lesion_npz)["test_labels"][:, 0]
+    for seed, probs in _read_predictions(out / "predictions.csv").items():
+        per_seed = next(m for m in report["per_seed"] if m["seed"] == seed)
+        assert per_seed["auroc"] == pytest.approx(roc_auc_score(test == 1, probs[:, 1]), abs=1e-4)
+
+    # The audit shows exactly one read of the test labels, by this refit.
+    reads = load_existing_study("tiny", None).user_attrs["test_set_reads"]
+    assert len(reads) == 1 and reads[0]["trial"] == best.number and reads[0]["what"] == "refit"
+
+    # Output is never overwritten silently.
+    again = invoke("refit", "--study", "tiny", "--bootstrap", "50")
+    assert again.exit_code == 2 and "already holds an earlier output" in again.stderr
+
+
+def test_refitting_another_trial_is_test_set_reuse(optimized, workdir):
+    best = optimized.best_trial.number
+    other = next(t.number for t in optimized.trials if t.number != best)
+    assert invoke("refit", "--study", "tiny", "--bootstrap", "50").exit_code == 0
+    refused = invoke("refit", "--study", "tiny", "--trial", str(other), "--out", "studies/other", "--bootstrap", "50")
+    assert refused.exit_code == 2
+    assert f"already used to evaluate trial(s) {best}" in refused.stderr and "--allow-test-reuse" in refused.stderr
+    assert not (workdir / "studies" / "other").exists()
+    allowed = invoke(
+        "refit",
+        "--study",
+        "tiny",
+        "--trial",
+        str(other),
+        "--out",
+        "studies/other",
+        "--allow-test-reuse",
+        "--bootstrap",
+        "50",
+    )
+    assert allowed.exit_code == 0, allowed.output
+    assert [r["trial"] for r in load_existing_study("tiny", None).user_attrs["test_set_reads"]] == [best, other]
+
+
+def test_threshold_is_chosen_on_validation(optimized, lesion_npz, workdir):
+    """Rebuild each trial's best-epoch model from its checkpoint artifact and redo the choice on validation."""
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+    from tuner.hparams import Hyperparameters
+    from tuner.training import build_classifier
+
+    store = FileSystemArtifactStore(optimized.user_attrs["artifact_dir"])
+    ds = load_dataset(
+        str(lesion_npz),
+        image_size=16,
+        cache_dir=workdir / "studies" / "cache",
+        label_aliases={"0": "benign", "1": "malignant"},
+    )
+    for trial in optimized.trials:
+        meta = {m.filename: m for m in get_all_artifact_meta(trial, storage=optimized._storage)}
+        assert {
+            "curves.png",
+            "val_roc_pr.png",
+            "val_confusion_matrix.png",
+            "val_per_class.csv",
+            "best_checkpoint.pt",
+        } <= set(meta)
+        path = workdir / f"ckpt{trial.number}.pt"
+        download_artifact(artifact_store=store, file_path=str(path), artifact_id=meta["best_checkpoint.pt"].artifact_id)
+        ckpt = torch.load(path, weights_only=True)
+        model = build_classifier(Hyperparameters(**ckpt["hparams"]), num_classes=2, channels=3, image_size=16)
+        model.load_state_dict(ckpt["state_dict"])
+        model.eval()
+        with torch.no_grad():
+            x = (torch.from_numpy(np.array(ds.val.images)).float() / 255 - 0.5) / 0.5
+            probs = model(x).softmax(1)
+        expected = choose_threshold(probs, torch.from_numpy(ds.val.labels), positive_index=1, rule="max_f1")
+        assert trial.user_attrs["threshold"] == pytest.approx(expected, abs=1e-5)
+    assert any(t.user_attrs["threshold"] != 0.5 for t in optimized.trials)
+
+
+def test_saved_model_evaluates_and_predicts_identically_after_reload(optimized, workdir, lesion_npz, tmp_path):
+    assert invoke("refit", "--study", "tiny", "--bootstrap", "50").exit_code == 0
+    out = workdir / "studies" / "tiny" / "refit"
+    saved = load_model(out / "model.pt")
+    test = np.load(lesion_npz)
+    images = test["test_images"].transpose(0, 3, 1, 2)
+    reloaded = saved.probabilities(images).numpy()
+    written = next(iter(_read_predictions(out / "predictions.csv").values()))
+    np.testing.assert_allclose(reloaded, written, atol=2e-6)
+
+    evaluated = invoke(
+        "evaluate", "--model", out / "model.pt", "--data", lesion_npz, "--out", "evaluation", "--bootstrap", "50"
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    ev = json.loads((workdir / "evaluation" / "report.json").read_text())
+    refit_report = json.loads((out / "report.json").read_text())
+    assert ev["split"] == "test" and ev["metrics"]["auroc"] == pytest.approx(
+        refit_report["per_seed"][0]["auroc"], abs=1e-6
+    )
+    assert ev["metrics"]["confusion_matrix"] == refit_report["per_seed"][0]["confusion_matrix"]
+
+    from PIL import Image
+
+    files = []
+    for i in range(4):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(test["test_images"][i]).save(files[-1])
+    predicted = invoke("predict", "--model", out / "model.pt", *files)
+    assert predicted.exit_code == 0, predicted.output
+    rows = list(csv.DictReader(predicted.stdout.splitlines()))
+    assert [r["path"] for r in rows] == [str(f) for f in files]
+    for row, expected in zip(rows, reloaded[:4], strict=True):
+        assert float(row["p_malignant"]) == pytest.approx(expected[1], abs=1e-5)
+        assert row["label"] == ("malignant" if expected[1] >= saved.threshold else "benign")
+
+
+def test_study_report(optimized, workdir):
+    result = invoke("report", "--study", "tiny")
+    assert result.exit_code == 0, result.output
+    folder = workdir / "studies" / "tiny" / "report"
+    summary = json.loads((folder / "report.json").read_text())
+    assert summary["top_trials"][0]["number"] == optimized.best_trial.number
+    assert (folder / "optimization_history.png").exists() and (folder / "report.md").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        return response.read()
+
+
+def test_dashboard_serves_the_study_its_trials_and_an_artifact(optimized, workdir):
+    from optuna.artifacts import get_all_artifact_meta
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tuner", "dashboard", "--study", "tiny", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                studies = json.loads(_get(f"{base}/api/studies"))
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("optuna-dashboard did not start: " + (proc.stderr.read() if proc.poll() is not None else ""))
+        entry = next(s for s in studies["study_summaries"] if s["study_name"] == "tiny")
+        detail = json.loads(_get(f"{base}/api/studies/{entry['study_id']}"))
+        assert len(detail["trials"]) == 3
+        trial = optimized.best_trial
+        meta = next(m for m in get_all_artifact_meta(trial, storage=optimized._storage) if m.filename == "curves.png")
+        png = _get(f"{base}/artifacts/{entry['study_id']}/{trial._trial_id}/{meta.artifact_id}")
+        assert png.startswith(b"\x89PNG")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
