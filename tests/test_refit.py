@@ -229,3 +229,31 @@ def test_dashboard_serves_the_study_its_trials_and_an_artifact(optimized, workdi
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_cross_validated_objective_reports_per_fold(workdir, lesion_npz):
+    space = _space(lesion_npz, cv_folds=3, pruner={"name": "wilcoxon", "n_startup_steps": 1})
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 0, result.output
+    study = load_existing_study("tiny", None)
+    for trial in study.trials:
+        if trial.state.name == "COMPLETE":
+            folds = trial.user_attrs["fold_values"]
+            assert len(folds) == 3 and trial.value == pytest.approx(float(np.mean(folds)))
+            assert sorted(trial.intermediate_values) == [0, 1, 2]
+            assert trial.user_attrs["best_epoch"] == int(np.median(trial.user_attrs["fold_best_epochs"]))
+            assert 0 < trial.user_attrs["threshold"] < 1
+    assert invoke("refit", "--study", "tiny", "--bootstrap", "50").exit_code == 0
+
+
+def test_top_k_rescoring_picks_by_the_mean_over_new_seeds(optimized, workdir):
+    result = invoke("refit", "--study", "tiny", "--top-k", "2", "--seeds", "2", "--bootstrap", "50")
+    assert result.exit_code == 0, result.output
+    report = json.loads((workdir / "studies" / "tiny" / "refit" / "report.json").read_text())
+    rows = report["rescoring"]
+    assert len(rows) == 2 and all(len(r["rescored"]) == 2 for r in rows)
+    chosen = max(rows, key=lambda r: r["mean"])
+    assert report["trial"] == chosen["trial"] and "<- chosen" in result.stdout
+    ranked = sorted(optimized.trials, key=lambda t: -t.value)[:2]
+    assert [r["trial"] for r in rows] == [t.number for t in ranked]
+    assert load_existing_study("tiny", None).user_attrs["rescoring"]["chosen"] == chosen["trial"]

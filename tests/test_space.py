@@ -81,7 +81,7 @@ MALFORMED = [
     ({"study": {"n_trials": 0}}, "study.n_trials: Input should be greater than or equal to 1, but got n_trials=0"),
     (
         {"study": {"pruner": {"name": "medain"}}},
-        "study.pruner.name: must be one of median, percentile, successive_halving, hyperband, none, but got name='medain'",
+        "study.pruner.name: must be one of median, percentile, successive_halving, hyperband, wilcoxon, none, but got name='medain'",
     ),
     (
         {"study": {"pruner": {"name": "percentile", "percentile": 120}}},

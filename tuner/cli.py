@@ -311,6 +311,12 @@ def refit(
         bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged another trial.")
     ] = False,
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CI.")] = 1000,
+    top_k: Annotated[
+        Optional[int],
+        typer.Option(
+            "--top-k", help="Re-score the K best trials with --seeds seeds on validation; refit the best mean."
+        ),
+    ] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -344,7 +350,16 @@ def refit(
             force=force,
             n_bootstrap=bootstrap,
             on_seed=lambda done, total: progress.update(task, completed=done),
+            top_k=top_k,
         )
+    if report["rescoring"]:
+        out.print("re-scored on validation (mean ± sd over seeds):", highlight=False)
+        for row in report["rescoring"]:
+            mark = "  <- chosen" if row["trial"] == report["trial"] else ""
+            out.print(
+                f"  trial {row['trial']:>3}: {_fmt(row['value'])} in the study, {row['mean']:.4f} ± {row['sd']:.4f}{mark}",
+                highlight=False,
+            )
     _print_test_summary(
         report, f"trial {report['trial']} refit on train+val for {report['epochs']} epochs, seeds {report['seeds']}"
     )

@@ -37,7 +37,7 @@ from tuner.losses import logits_to_probs
 from tuner.metrics import evaluation_report
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
 from tuner.space import SearchSpace, parse_space, suggest
-from tuner.study import STUDIES_DIR, prepare
+from tuner.study import STUDIES_DIR, Objective, cv_folds, prepare
 from tuner.training import DeviceData, TrainSettings, model_normalization, train_model
 
 log = logging.getLogger(__name__)
@@ -140,6 +140,53 @@ def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[
     return summary
 
 
+RESCORE_STRIDE = 7919
+
+
+def rescore(
+    study: optuna.Study, space: SearchSpace, dataset: Dataset, device: torch.device, *, top_k: int, seeds: int
+) -> tuple[FrozenTrial, list[dict]]:
+    """Re-train the ``top_k`` best trials with ``seeds`` fresh seeds each, on validation only (never test),
+    and pick the one with the best mean: a remedy for the winner's curse of one noisy validation score."""
+    maximize = study.direction.name == "MAXIMIZE"
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    top = sorted(completed, key=lambda t: -t.value if maximize else t.value)[:top_k]
+    folds = cv_folds(dataset, space.study.cv_folds, space.data.split_seed, device) if space.study.cv_folds else None
+    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, None, folds)
+    rows = []
+    for trial in top:
+        hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
+        values = []
+        for j in range(seeds):
+            try:
+                values.append(
+                    objective.run(
+                        optuna.trial.FixedTrial(trial.params),
+                        hparams,
+                        seed=int(trial.user_attrs["seed"]) + RESCORE_STRIDE * (j + 1),
+                    )
+                )
+            except (optuna.TrialPruned, RuntimeError) as err:
+                log.warning("re-scoring trial %d, seed %d: %s", trial.number, j, err)
+                values.append(math.nan)
+        finite = [v for v in values if math.isfinite(v)]
+        rows.append(
+            {
+                "trial": trial.number,
+                "value": trial.value,
+                "rescored": values,
+                "mean": float(np.mean(finite)) if finite else math.nan,
+                "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,
+            }
+        )
+    scored = [r for r in rows if math.isfinite(r["mean"])]
+    if not scored:
+        raise TunerError("re-scoring failed for every one of the top trials")
+    best = (max if maximize else min)(scored, key=lambda r: r["mean"])
+    study.set_user_attr("rescoring", {"top_k": top_k, "seeds": seeds, "rows": rows, "chosen": best["trial"]})
+    return next(t for t in top if t.number == best["trial"]), rows
+
+
 def _prepare_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise TunerError(
@@ -181,12 +228,25 @@ def refit(
     force: bool = False,
     n_bootstrap: int = 1000,
     on_seed: Callable[[int, int], None] | None = None,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
-    """Retrain ``trial`` on train+val with ``seeds`` seeds, evaluate once on test, write the report."""
+    """Retrain ``trial`` on train+val with ``seeds`` seeds, evaluate once on test, write the report.
+
+    With ``top_k``, the ``top_k`` best trials are first re-scored with ``seeds`` seeds on validation
+    and the best mean is refit (see :func:`rescore`).
+    """
     if seeds < 1:
         raise TunerError(f"seeds must be at least 1, but got seeds={seeds}")
+    if top_k is not None and (top_k < 1 or trial_number is not None):
+        raise TunerError(f"--top-k must be at least 1 and cannot be combined with --trial, but got top_k={top_k}")
     trial = pick_trial(study, trial_number)
     space = study_space(study, data)
+    rescored = None
+    if top_k:
+        dataset = prepare(space, cache_dir=cache_dir)
+        trial, rescored = rescore(
+            study, space, dataset, resolve_device(device or space.train.device), top_k=top_k, seeds=seeds
+        )
     hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
     if hparams.model_dump(mode="json") != trial.user_attrs.get("hparams"):
         raise TunerError(f"trial {trial.number}'s parameters no longer replay to the same hyperparameters")
@@ -271,6 +331,7 @@ def refit(
         "epochs": epochs,
         "epochs_rule": "the trial's best epoch; LR schedule planned over the trial's max_epochs",
         "seeds": seed_list,
+        "rescoring": rescored,
         "n_train": len(data_tv.train),
         "n_test": len(target),
         "bootstrap": {"resamples": n_bootstrap, "grouped": dataset.test.groups is not None},

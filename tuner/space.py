@@ -86,6 +86,14 @@ class HyperbandPrunerSettings(_Frozen):
     reduction_factor: Annotated[int, Field(ge=2)] = 3
 
 
+class WilcoxonPrunerSettings(_Frozen):
+    """For cross-validated objectives: prunes when the folds so far are significantly worse than the best trial's."""
+
+    name: Literal["wilcoxon"]
+    p_threshold: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    n_startup_steps: Annotated[int, Field(ge=0)] = 2
+
+
 class NoPrunerSettings(_Frozen):
     name: Literal["none"]
 
@@ -96,11 +104,12 @@ PrunerSettings = Annotated[
         PercentilePrunerSettings,
         SuccessiveHalvingPrunerSettings,
         HyperbandPrunerSettings,
+        WilcoxonPrunerSettings,
         NoPrunerSettings,
     ],
     Field(discriminator="name"),
 ]
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "none")
+PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
 
 
 class ThresholdSettings(_Frozen):
@@ -119,6 +128,7 @@ class StudySettings(_Frozen):
     n_trials: Annotated[int, Field(ge=1)] = 20
     timeout: Annotated[float, Field(gt=0)] | None = None
     threshold: ThresholdSettings = ThresholdSettings()
+    cv_folds: Annotated[int, Field(ge=2, le=20)] | None = None  # k-fold cross-validated objective over train+val
     artifacts: bool = True  # plots and per-class metrics of each completed trial, for the dashboard
     save_checkpoints: bool = False  # also each completed trial's best weights, as an artifact
 

@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import sqlalchemy
 import torch
@@ -30,8 +31,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.data import Dataset, load_dataset
+from tuner.data.loader import TensorSplit
+from tuner.data.splits import assign_folds
 from tuner.engine import FitResult, NonFiniteLossError, resolve_device
 from tuner.errors import StorageError, TunerError
+from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
 from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
 from tuner.space import SamplerSettings, SearchSpace, suggest
@@ -144,6 +148,10 @@ def build_pruner(settings: Any, max_epochs: int) -> optuna.pruners.BasePruner:
         if kwargs["max_resource"] == "auto":
             kwargs["max_resource"] = max_epochs
         return optuna.pruners.HyperbandPruner(**kwargs)
+    if settings.name == "wilcoxon":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(**kwargs)
     return optuna.pruners.NopPruner()
 
 
@@ -202,48 +210,79 @@ def artifact_dir(study_name: str, storage_url: str, explicit: Path | None = None
     return (STUDIES_DIR / f"{study_name}.artifacts").resolve()
 
 
+def train_settings(space: SearchSpace) -> TrainSettings:
+    """The loop's settings for this space's trials (refit and re-scoring use them too)."""
+    return TrainSettings(
+        max_epochs=space.train.max_epochs,
+        patience=space.train.patience,
+        monitor=space.study.metric,
+        mode="max" if space.study.resolved_direction == "maximize" else "min",
+        amp=space.train.amp,
+        channels_last=space.train.channels_last,
+        eval_batch_size=space.train.eval_batch_size,
+    )
+
+
+def cv_folds(dataset: Dataset, k: int, seed: int, device: torch.device) -> list[DeviceData]:
+    """Train and validation pooled, then k stratified (grouped, when there are groups) folds."""
+    labels = np.concatenate([dataset.train.labels, dataset.val.labels])
+    images = np.concatenate([dataset.train.images, dataset.val.images])
+    groups = None
+    if dataset.train.groups is not None and dataset.val.groups is not None:
+        groups = np.concatenate([dataset.train.groups, dataset.val.groups])
+    fold = assign_folds(labels, groups, k=k, seed=seed)
+    return [
+        DeviceData(
+            train=TensorSplit.from_numpy(images[fold != f], labels[fold != f], device),
+            val=TensorSplit.from_numpy(images[fold == f], labels[fold == f], device),
+            train_labels=labels[fold != f],
+            num_classes=dataset.num_classes,
+            positive_index=dataset.positive_index,
+            channels=dataset.channels,
+            image_size=dataset.image_size,
+        )
+        for f in range(k)
+    ]
+
+
 class Objective:
-    """Optuna objective: hyperparameters -> trained model -> best validation metric."""
+    """Optuna objective: hyperparameters -> trained model(s) -> validation metric.
+
+    Hold-out (default): one model, reported to the pruner every epoch, valued at its best epoch.
+    Cross-validated (``folds``): one model per fold, each fold's best value reported as step
+    ``fold`` (so median or Wilcoxon pruning stops a weak trial after a few folds), valued at the
+    mean over folds; the threshold is chosen on the pooled out-of-fold predictions.
+    """
 
     def __init__(
-        self, space: SearchSpace, data: DeviceData, class_names: tuple[str, ...] = (), artifacts: Path | None = None
+        self,
+        space: SearchSpace,
+        data: DeviceData,
+        class_names: tuple[str, ...] = (),
+        artifacts: Path | None = None,
+        folds: list[DeviceData] | None = None,
     ) -> None:
         self.space = space
         self.data = data
+        self.folds = folds or []
         self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
         self.artifact_store = FileSystemArtifactStore(str(artifacts)) if artifacts is not None else None
         self.metric = space.study.metric
-        self.settings = TrainSettings(
-            max_epochs=space.train.max_epochs,
-            patience=space.train.patience,
-            monitor=self.metric,
-            mode="max" if space.study.resolved_direction == "maximize" else "min",
-            amp=space.train.amp,
-            channels_last=space.train.channels_last,
-            eval_batch_size=space.train.eval_batch_size,
-        )
+        self.settings = train_settings(space)
 
     def __call__(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)
-        seed = self.space.train.seed + trial.number
+        return self.run(trial, hparams, seed=self.space.train.seed + trial.number)
+
+    def run(self, trial: optuna.Trial | optuna.trial.FixedTrial, hparams: Hyperparameters, seed: int) -> float:
+        """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value."""
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("hparams", hparams.model_dump(mode="json"))
         history: dict[str, list[float]] = {}
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            for key, value in metrics.items():
-                history.setdefault(key, []).append(value)
-            value = metrics[self.metric]
-            if math.isfinite(value):
-                trial.report(value, epoch)
-            if trial.should_prune():
-                reason = f"pruned at epoch {epoch}"
-                trial.set_user_attr("history", history)
-                trial.set_user_attr("prune_reason", reason)
-                raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
-
         try:
-            model, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
+            if self.folds:
+                return self._cross_validate(trial, hparams, seed, history)
+            return self._holdout(trial, hparams, seed, history)
         except NonFiniteLossError as err:
             trial.set_user_attr("history", history)
             trial.set_user_attr("prune_reason", str(err))
@@ -253,18 +292,6 @@ class Objective:
             reason = f"CUDA out of memory (model={hparams.model}, batch_size={hparams.batch_size})"
         except TunerError as err:
             reason = str(err)
-        else:
-            trial.set_user_attr("history", result.history)
-            trial.set_user_attr("best_epoch", result.best_epoch)
-            trial.set_user_attr("epochs_run", result.epochs_run)
-            trial.set_user_attr("stopped_early", result.stopped_early)
-            trial.set_user_attr("seconds_per_epoch", round(result.seconds_per_epoch, 4))
-            trial.set_user_attr("images_per_second", round(result.images_per_second, 1))
-            trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
-            self._operating_point(trial, result)
-            if self.artifact_store is not None:
-                self._upload_artifacts(trial, result)
-            return result.best_value
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -272,37 +299,80 @@ class Objective:
         trial.set_user_attr("fail_reason", reason)
         raise TrialFault(reason)
 
-    def _binary(self) -> bool:
-        return self.data.num_classes == 2 and self.data.positive_index is not None
+    def _prune(self, trial: Any, history: dict, reason: str, value: float) -> None:
+        trial.set_user_attr("history", history)
+        trial.set_user_attr("prune_reason", reason)
+        raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
 
-    def _operating_point(self, trial: optuna.Trial, result: FitResult) -> None:
-        """Choose the decision threshold on validation at the best epoch; refit applies it to test, frozen."""
-        if not self._binary() or result.best_val_probs is None:
+    def _holdout(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict) -> float:
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            for key, value in metrics.items():
+                history.setdefault(key, []).append(value)
+            value = metrics[self.metric]
+            if math.isfinite(value):
+                trial.report(value, epoch)
+            if trial.should_prune():
+                self._prune(trial, history, f"pruned at epoch {epoch}", value)
+
+        _, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
+        self._record(trial, result, result.history, result.best_epoch)
+        self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
+        return result.best_value
+
+    def _cross_validate(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict) -> float:
+        values, epochs, probs, targets = [], [], [], []
+        first = None
+        for fold, data in enumerate(self.folds):
+            _, result = train_model(hparams, data, self.settings, seed=seed, on_epoch=None)
+            first = first or result
+            values.append(result.best_value)
+            epochs.append(result.best_epoch)
+            probs.append(result.best_val_probs)
+            targets.append(result.val_targets)
+            history.setdefault(f"fold_{self.metric}", []).append(result.best_value)
+            trial.set_user_attr("fold_values", values)
+            trial.report(result.best_value, fold)
+            if trial.should_prune():
+                self._prune(trial, history, f"pruned after fold {fold + 1} of {len(self.folds)}", result.best_value)
+        assert first is not None
+        history.update(first.history)  # the first fold's curves stand for the trial's
+        self._record(trial, first, history, int(np.median(epochs)))
+        trial.set_user_attr("fold_best_epochs", epochs)
+        self._finish(trial, history, torch.cat(probs), torch.cat(targets), first.best_state)
+        return float(np.mean(values))
+
+    def _record(self, trial: Any, result: FitResult, history: dict, best_epoch: int) -> None:
+        trial.set_user_attr("history", history)
+        trial.set_user_attr("best_epoch", best_epoch)
+        trial.set_user_attr("epochs_run", result.epochs_run)
+        trial.set_user_attr("stopped_early", result.stopped_early)
+        trial.set_user_attr("seconds_per_epoch", round(result.seconds_per_epoch, 4))
+        trial.set_user_attr("images_per_second", round(result.images_per_second, 1))
+        trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
+
+    def _finish(
+        self, trial: Any, history: dict, probs: torch.Tensor | None, targets: torch.Tensor | None, state: dict
+    ) -> None:
+        """Operating point on validation (frozen for the test set) and the dashboard's artifacts."""
+        binary = self.data.num_classes == 2 and self.data.positive_index is not None
+        threshold = 0.5
+        if binary and probs is not None:
+            rule = self.space.study.threshold
+            threshold = choose_threshold(
+                probs, targets, positive_index=self.data.positive_index, rule=rule.rule, recall=rule.recall
+            )
+            at = classification_metrics(probs, targets, positive_index=self.data.positive_index, threshold=threshold)
+            trial.set_user_attr("threshold", threshold)
+            trial.set_user_attr("val_at_threshold", at)
+        if self.artifact_store is None or not isinstance(trial, optuna.Trial):
             return
-        rule = self.space.study.threshold
-        threshold = choose_threshold(
-            result.best_val_probs,
-            result.val_targets,
-            positive_index=self.data.positive_index,
-            rule=rule.rule,
-            recall=rule.recall,
-        )
-        at = classification_metrics(
-            result.best_val_probs, result.val_targets, positive_index=self.data.positive_index, threshold=threshold
-        )
-        trial.set_user_attr("threshold", threshold)
-        trial.set_user_attr("val_at_threshold", at)
-
-    def _upload_artifacts(self, trial: optuna.Trial, result: FitResult) -> None:
-        """Curves, validation confusion matrix, ROC/PR and per-class CSV (and the checkpoint if asked) for the dashboard."""
-        threshold = trial.user_attrs.get("threshold", 0.5)
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
-            files = [plot_history(result.history, self.metric, folder / "curves.png")]
-            if result.best_val_probs is not None:
+            files = [plot_history(history, self.metric, folder / "curves.png")]
+            if probs is not None:
                 val = evaluation_report(
-                    result.best_val_probs,
-                    result.val_targets,
+                    probs,
+                    targets,
                     class_names=self.class_names,
                     positive_index=self.data.positive_index,
                     threshold=threshold,
@@ -311,11 +381,11 @@ class Objective:
                     plot_confusion(val["confusion_matrix"], self.class_names, folder / "val_confusion_matrix.png")
                 )
                 files.append(per_class_csv(val["per_class"], folder / "val_per_class.csv"))
-                if self._binary():
+                if binary:
                     files.append(
                         plot_roc_pr(
-                            result.best_val_probs,
-                            result.val_targets,
+                            probs,
+                            targets,
                             positive_index=self.data.positive_index,
                             threshold=threshold,
                             path=folder / "val_roc_pr.png",
@@ -323,7 +393,7 @@ class Objective:
                     )
             if self.space.study.save_checkpoints:
                 checkpoint = folder / "best_checkpoint.pt"
-                torch.save({"state_dict": result.best_state, "hparams": trial.user_attrs["hparams"]}, checkpoint)
+                torch.save({"state_dict": state, "hparams": trial.user_attrs["hparams"]}, checkpoint)
                 files.append(checkpoint)
             for path in files:
                 upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial)
@@ -369,7 +439,8 @@ def run_optimize(
             study.user_attrs.get("artifact_dir") or artifact_dir(space.study.name, storage_url, artifacts_dir)
         )
         artifacts.mkdir(parents=True, exist_ok=True)
-    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, artifacts)
+    folds = cv_folds(dataset, space.study.cv_folds, space.data.split_seed, device) if space.study.cv_folds else None
+    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, artifacts, folds)
     study.optimize(
         objective,
         n_trials=space.study.n_trials,

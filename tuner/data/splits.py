@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from tuner.errors import DataError
 
@@ -52,3 +52,22 @@ def assign_splits(
     val = holdout_mask(labels[rest], None if groups is None else groups[rest], min(val_of_rest, 0.9), seed + 1)
     split[rest[val]] = "val"
     return split
+
+
+def assign_folds(labels: np.ndarray, groups: np.ndarray | None, *, k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k-1) per item: stratified, and grouped when ``groups`` is given."""
+    counts = Counter(labels.tolist())
+    if min(counts.values()) < k:
+        raise DataError(f"cannot make {k} stratified folds: the smallest class has only {min(counts.values())} images")
+    fold = np.zeros(len(labels), dtype=np.int64)
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    else:
+        if len(set(groups.tolist())) < k:
+            raise DataError(f"cannot make {k} grouped folds from {len(set(groups.tolist()))} groups")
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            np.zeros(len(labels)), labels, groups
+        )
+    for f, (_, held) in enumerate(splitter):
+        fold[held] = f
+    return fold
