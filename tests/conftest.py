@@ -1,6 +1,11 @@
 from __future__ import annotations
 
 import csv
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -119,3 +124,47 @@ def lesion_npz(tmp_path: Path) -> Path:
         test_labels=labels[290:, None],
     )
     return path
+
+
+def _postgres_bindir() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: float(p.parent.parent.name))
+    if candidates:
+        return candidates[-1].parent
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A real PostgreSQL server on loopback, started for this test session and stopped after it."""
+    bindir = _postgres_bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (.ci/run installs Debian's postgresql)")
+    # Not under pytest's tmp folders: those are private to root, and the server runs as postgres.
+    root = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
+    data = root / "data"
+    # initdb and postgres refuse to run as root: run them as the postgres user when we are root.
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+        root.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
+    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tuner", "--no-sync")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
+    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "-t", "60", "start")
+    try:
+        import sqlalchemy as sa
+
+        engine = sa.create_engine(
+            f"postgresql+psycopg2://tuner@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
+        )
+        with engine.connect() as con:
+            con.execute(sa.text("CREATE DATABASE tuner"))
+        engine.dispose()
+        yield f"postgresql+psycopg2://tuner@127.0.0.1:{port}/tuner"
+    finally:
+        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(root, ignore_errors=True)

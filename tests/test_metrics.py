@@ -70,3 +70,14 @@ def test_class_weights_change_the_loss():
     weighted = build_loss("ce", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
     focal = build_loss("focal", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
     assert plain != weighted and torch.isfinite(focal)
+
+
+def test_multiclass_report_puts_the_focus_class_first():
+    from tuner.metrics import evaluation_report
+
+    target = torch.tensor([0, 0, 1, 1, 2, 2, 2])
+    probs = torch.eye(3)[torch.tensor([0, 1, 1, 1, 2, 2, 0])]
+    report = evaluation_report(probs, target, class_names=("normal", "benign", "cancer"), positive_index=2)
+    assert report["focus_class"] == "cancer" and report["focus_recall"] == pytest.approx(2 / 3)
+    assert report["per_class"]["benign"]["recall"] == 1.0 and report["confusion_matrix"][2] == [1, 0, 2]
+    assert report["recall"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)  # macro

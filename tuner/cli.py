@@ -118,12 +118,36 @@ def optimize(
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
     max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", help="Overrides train.max_epochs.")] = None,
     cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Decoded-image cache.")] = Path("studies/cache"),
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", help="Worker processes on this machine (needs a database server).")
+    ] = 1,
+    gpus: Annotated[
+        Optional[str], typer.Option("--gpus", help="Comma-separated GPU ids, one worker per GPU in turn, e.g. 0,1,2,3.")
+    ] = None,
+    join: Annotated[
+        bool, typer.Option("--join", help="Add no trials: help finish the study's remaining ones (another machine).")
+    ] = False,
+    artifacts: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--artifacts", help="Artifact folder; default beside the SQLite file or studies/<study>.artifacts."
+        ),
+    ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option("--heartbeat", help="Seconds between worker heartbeats; a trial silent for 3x this is retried."),
+    ] = 60,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run (or resume) a study: every trial trains a model from the space and reports validation metrics."""
+    """Run (or resume) a study: every trial trains a model from the space and reports validation metrics.
+
+    Each run adds --n-trials trials to the study, shared by its --workers; `--join` on another
+    machine helps finish them. The total is exact: failed trials are replaced.
+    """
     from tuner.space import load_space
-    from tuner.study import redact, run_optimize
+    from tuner.study import redact
+    from tuner.workers import run_optimize
 
     _setup_logging(verbose, quiet)
     overrides = {
@@ -136,7 +160,7 @@ def optimize(
     }
     spec = load_space(space, overrides)
     storage_url = storage or _default_storage(spec.study.name)
-    total = spec.study.n_trials
+    total = 0 if join else spec.study.n_trials
     progress = Progress(
         TextColumn("[bold]trials"),
         BarColumn(),
@@ -163,7 +187,17 @@ def optimize(
     with progress:
         task = progress.add_task("trials", total=total)
         try:
-            result = run_optimize(spec, storage_url=storage_url, cache_dir=cache_dir, callbacks=[report_trial])
+            result = run_optimize(
+                spec,
+                storage_url=storage_url,
+                cache_dir=cache_dir,
+                callbacks=[report_trial],
+                artifacts_dir=artifacts,
+                workers=workers,
+                gpus=_parse_gpus(gpus),
+                join=join,
+                heartbeat=heartbeat,
+            )
         except KeyboardInterrupt:
             progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
@@ -177,6 +211,15 @@ def optimize(
         markup=False,
         highlight=False,
     )
+
+
+def _parse_gpus(text: str | None) -> list[int]:
+    if not text:
+        return []
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TunerError(f"--gpus must be comma-separated GPU ids such as 0,1,2, but got {text!r}") from None
 
 
 def _default_storage(study: str) -> str:
@@ -376,7 +419,10 @@ def _print_test_summary(report: dict, headline: str) -> None:
     table = Table(title=f"test set, n={report['n_test']}")
     for col in ("metric", "mean", "sd", "95% CI"):
         table.add_column(col, justify="left" if col == "metric" else "right")
-    for name in ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy", "mcc"):
+    if report["summary"].get("focus_recall"):
+        out.print(f"focus class {report.get('positive_class')}: its recall and precision come first")
+    names = ("focus_recall", "focus_precision", "auroc", "auprc", "recall", "specificity", "precision", "f1")
+    for name in (*names, "balanced_accuracy", "accuracy", "mcc"):
         m = report["summary"].get(name)
         if m:
             ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"

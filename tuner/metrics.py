@@ -139,4 +139,10 @@ def evaluation_report(
         per_class[name] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "support": support}
     out["per_class"] = per_class
     out["n"] = len(target)
+    if not binary and positive_index is not None:
+        # the focus class (e.g. cancer among normal/benign/cancer): its recall comes first in reports
+        focus = class_names[positive_index]
+        out["focus_class"] = focus
+        out["focus_recall"] = per_class[focus]["recall"]
+        out["focus_precision"] = per_class[focus]["precision"]
     return out

@@ -128,7 +128,9 @@ def bootstrap_ci(
 
 def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
     summary = {}
-    for name in (*BOOTSTRAP_METRICS, "mcc"):
+    for name in ("focus_recall", "focus_precision", *BOOTSTRAP_METRICS, "mcc"):
+        if name not in per_seed[0]:
+            continue
         vals = [m[name] for m in per_seed]
         low, high = ci.get(name, (None, None))
         summary[name] = {

@@ -98,7 +98,19 @@ def per_class_csv(per_class: Mapping[str, Mapping[str, float]], path: Path) -> P
     return path
 
 
-HEADLINE = ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy", "mcc")
+HEADLINE = (
+    "focus_recall",
+    "focus_precision",
+    "auroc",
+    "auprc",
+    "recall",
+    "specificity",
+    "precision",
+    "f1",
+    "balanced_accuracy",
+    "accuracy",
+    "mcc",
+)
 
 
 def _fmt(value: Any) -> str:

@@ -16,7 +16,7 @@ import math
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from tuner import __version__
 from tuner.data import Dataset, load_dataset
 from tuner.data.loader import TensorSplit
 from tuner.data.splits import assign_folds
-from tuner.engine import FitResult, NonFiniteLossError, resolve_device
+from tuner.engine import FitResult, NonFiniteLossError
 from tuner.errors import StorageError, TunerError
 from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
@@ -66,8 +66,26 @@ def redact(url: str) -> str:
         return "<malformed storage URL>"
 
 
-def open_storage(url: str) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried) and pre-ping."""
+class _OnStale:
+    """Heartbeat-stale trial: run ``first`` (tuner's bookkeeping), then Optuna's retry (re-queue its params)."""
+
+    def __init__(self, first: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        self.first = first
+        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if self.first is not None:
+            self.first(study, trial)
+        self.retry(study, trial)
+
+
+def open_storage(
+    url: str, *, heartbeat: int = 60, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
+) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried) and pre-ping.
+
+    A trial whose worker sent no heartbeat for ``3 * heartbeat`` seconds is failed and re-queued.
+    """
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
@@ -89,9 +107,9 @@ def open_storage(url: str) -> RDBStorage:
                 return RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
-                    heartbeat_interval=60,
-                    grace_period=180,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
+                    heartbeat_interval=heartbeat,
+                    grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=_OnStale(on_stale),
                 )
         except sqlalchemy.exc.IntegrityError:
             # Two processes creating the schema at once: the loser finds the tables on a second try.
@@ -158,9 +176,11 @@ def build_pruner(settings: Any, max_epochs: int) -> optuna.pruners.BasePruner:
 # ------------------------------------------------------------------ study
 
 
-def open_study(space: SearchSpace, storage_url: str, data: Dataset, artifacts_dir: Path | None = None) -> optuna.Study:
+def open_study(
+    space: SearchSpace, storage_url: str, data: Dataset, artifacts_dir: Path | None = None, *, heartbeat: int = 60
+) -> optuna.Study:
     """Create the study, or load it if it exists and was made from the same space (resume)."""
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat=heartbeat)
     name = space.study.name
     study = optuna.create_study(
         study_name=name,
@@ -332,7 +352,7 @@ class Objective:
             history.setdefault(f"fold_{self.metric}", []).append(result.best_value)
             trial.set_user_attr("fold_values", values)
             trial.report(result.best_value, fold)
-            if trial.should_prune():
+            if fold < len(self.folds) - 1 and trial.should_prune():  # after the last fold there is nothing to save
                 self._prune(trial, history, f"pruned after fold {fold + 1} of {len(self.folds)}", result.best_value)
         assert first is not None
         history.update(first.history)  # the first fold's curves stand for the trial's
@@ -416,40 +436,6 @@ def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) 
         cache_dir=cache_dir,
         include_test=include_test,
     )
-
-
-def run_optimize(
-    space: SearchSpace,
-    *,
-    storage_url: str,
-    cache_dir: Path = STUDIES_DIR / "cache",
-    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
-    dataset: Dataset | None = None,
-    artifacts_dir: Path | None = None,
-) -> optuna.Study:
-    """Run ``space.study.n_trials`` more trials of the study (creating it if needed)."""
-    dataset = dataset or prepare(space, cache_dir=cache_dir)
-    study = open_study(space, storage_url, dataset, artifacts_dir)
-    device = resolve_device(space.train.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    artifacts = None
-    if space.study.artifacts:
-        artifacts = Path(
-            study.user_attrs.get("artifact_dir") or artifact_dir(space.study.name, storage_url, artifacts_dir)
-        )
-        artifacts.mkdir(parents=True, exist_ok=True)
-    folds = cv_folds(dataset, space.study.cv_folds, space.data.split_seed, device) if space.study.cv_folds else None
-    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, artifacts, folds)
-    study.optimize(
-        objective,
-        n_trials=space.study.n_trials,
-        timeout=space.study.timeout,
-        catch=(TrialFault,),
-        callbacks=list(callbacks),
-        gc_after_trial=device.type == "cuda",
-    )
-    return study
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:

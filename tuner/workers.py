@@ -1,0 +1,274 @@
+"""Running a study: one worker in this process, or several processes (and machines) on one study.
+
+The trial total is exact however many workers share a study. A small table
+beside Optuna's, ``tuner_trial_budget``, holds each study's target and the
+number of trial starts claimed so far; a worker claims a start with one atomic
+``UPDATE … WHERE claimed < target`` before every trial. A trial that fails
+gives its start back, so ``--n-trials 12`` ends with exactly 12 finished
+(complete or pruned) trials. A worker killed mid-trial stops sending
+heartbeats; the next worker to look fails that trial, gives its start back and
+re-queues the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``),
+and whoever claims next runs the retry. A trial that crashes with an
+unexpected exception is re-queued up to :data:`MAX_CRASH_RETRIES` times;
+deterministic faults (a bad combination, CUDA out of memory) are not.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import optuna
+import sqlalchemy as sa
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.data import Dataset
+from tuner.engine import resolve_device
+from tuner.errors import StorageError
+from tuner.space import SearchSpace
+from tuner.study import (
+    STUDIES_DIR,
+    Objective,
+    artifact_dir,
+    build_pruner,
+    build_sampler,
+    cv_folds,
+    open_storage,
+    open_study,
+    prepare,
+)
+from tuner.training import DeviceData
+
+log = logging.getLogger(__name__)
+
+MAX_CRASH_RETRIES = 2
+POLL_SECONDS = 1.0
+_metadata = sa.MetaData()
+_budget = sa.Table(
+    "tuner_trial_budget",
+    _metadata,
+    sa.Column("study_id", sa.Integer, primary_key=True),
+    sa.Column("target", sa.Integer, nullable=False),
+    sa.Column("claimed", sa.Integer, nullable=False),
+)
+
+
+class TrialBudget:
+    """The study's trial total, shared by every worker through the study's own database."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
+        self.engine = storage.engine
+        self.study_id = study._study_id
+        _metadata.create_all(self.engine, checkfirst=True)
+
+    def add(self, n: int, *, others_running: bool) -> int:
+        """Allow ``n`` more trial starts. Starts left over from an interrupted run are dropped
+        unless other workers are running now (then they are theirs to use)."""
+        with self.engine.begin() as con:
+            row = con.execute(sa.select(_budget).where(_budget.c.study_id == self.study_id)).first()
+            if row is None:
+                con.execute(sa.insert(_budget).values(study_id=self.study_id, target=n, claimed=0))
+                return n
+            base = max(row.target, row.claimed) if others_running else row.claimed
+            con.execute(sa.update(_budget).where(_budget.c.study_id == self.study_id).values(target=base + n))
+            return base + n
+
+    def claim(self) -> bool:
+        with self.engine.begin() as con:
+            result = con.execute(
+                sa.update(_budget)
+                .where(_budget.c.study_id == self.study_id, _budget.c.claimed < _budget.c.target)
+                .values(claimed=_budget.c.claimed + 1)
+            )
+            return result.rowcount == 1
+
+    def give_back(self) -> None:
+        with self.engine.begin() as con:
+            con.execute(
+                sa.update(_budget)
+                .where(_budget.c.study_id == self.study_id, _budget.c.claimed > 0)
+                .values(claimed=_budget.c.claimed - 1)
+            )
+
+    def left(self) -> int:
+        with self.engine.connect() as con:
+            row = con.execute(sa.select(_budget).where(_budget.c.study_id == self.study_id)).first()
+            return 0 if row is None else max(0, row.target - row.claimed)
+
+
+def _open_trials(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+class _AfterTrial:
+    """Gives a failed trial's start back and re-queues crashed (not deterministic) trials."""
+
+    def __init__(self, budget: TrialBudget) -> None:
+        self.budget = budget
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if trial.state != TrialState.FAIL:
+            return
+        self.budget.give_back()
+        if "fail_reason" in trial.user_attrs:
+            return  # a deterministic fault: the same parameters would fail again
+        retries = int(trial.user_attrs.get("crash_retries", 0))
+        if retries < MAX_CRASH_RETRIES:
+            original = trial.user_attrs.get("retry_of", trial.number)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": original, "crash_retries": retries + 1})
+            log.warning(
+                "trial %d crashed; re-queued its parameters (retry %d of %d)",
+                trial.number,
+                retries + 1,
+                MAX_CRASH_RETRIES,
+            )
+
+
+def _give_back_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Heartbeat-stale trial (its worker died): give the start back; Optuna's callback re-queues it."""
+    TrialBudget(study).give_back()
+
+
+def work(
+    space: SearchSpace,
+    *,
+    storage_url: str,
+    cache_dir: Path,
+    artifacts_dir: Path | None,
+    device: str | None = None,
+    sampler_seed_offset: int = 0,
+    heartbeat: int = 60,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    dataset: Dataset | None = None,
+) -> None:
+    """One worker: claim a start, run one trial, repeat until the budget is spent and nothing is left running."""
+    dataset = dataset or prepare(space, cache_dir=cache_dir)
+    storage = open_storage(storage_url, heartbeat=heartbeat, on_stale=_give_back_stale)
+    sampler_settings = space.study.sampler.model_copy(update={"seed": space.study.sampler.seed + sampler_seed_offset})
+    study = optuna.load_study(
+        study_name=space.study.name,
+        storage=storage,
+        sampler=build_sampler(sampler_settings),
+        pruner=build_pruner(space.study.pruner, space.train.max_epochs),
+    )
+    torch_device = resolve_device(device or space.train.device)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    artifacts = Path(study.user_attrs["artifact_dir"]) if space.study.artifacts else None
+    if artifacts is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
+    folds = (
+        cv_folds(dataset, space.study.cv_folds, space.data.split_seed, torch_device) if space.study.cv_folds else None
+    )
+    objective = Objective(space, DeviceData.from_dataset(dataset, torch_device), dataset.class_names, artifacts, folds)
+    budget = TrialBudget(study)
+    after = [*callbacks, _AfterTrial(budget)]
+    deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
+    while deadline is None or time.monotonic() < deadline:
+        if budget.claim():
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=1,
+                    catch=(Exception,),
+                    callbacks=after,
+                    gc_after_trial=torch_device.type == "cuda",
+                )
+            except KeyboardInterrupt:
+                budget.give_back()  # Optuna marked the trial FAILED; its start is not used up
+                raise
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # Our heartbeat was missed long enough for another worker to declare this trial stale;
+                # it was failed, given back and re-queued there. Carry on with the next one.
+                log.warning("a trial of this worker was taken over as stale (missed heartbeats); continuing")
+        elif _open_trials(study):
+            # Others are still running: one may fail or go stale and free a start, or be re-queued.
+            optuna.storages.fail_stale_trials(study)
+            time.sleep(POLL_SECONDS)
+        else:
+            return
+
+
+def _worker_main(kwargs: dict) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(processName)s %(levelname)s %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        work(**kwargs)
+    except KeyboardInterrupt:
+        pass
+
+
+def run_optimize(
+    space: SearchSpace,
+    *,
+    storage_url: str,
+    cache_dir: Path = STUDIES_DIR / "cache",
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    dataset: Dataset | None = None,
+    artifacts_dir: Path | None = None,
+    workers: int = 1,
+    gpus: Sequence[int] = (),
+    join: bool = False,
+    heartbeat: int = 60,
+) -> optuna.Study:
+    """Add ``space.study.n_trials`` trials to the study (creating it if needed) with ``workers`` processes.
+
+    ``join`` adds nothing and helps finish what other workers (other machines) are running.
+    """
+    if workers < 1:
+        raise StorageError(f"workers must be at least 1, but got workers={workers}")
+    if workers > 1 and sa.engine.make_url(storage_url).get_backend_name() == "sqlite":
+        raise StorageError(
+            f"--workers {workers} needs a database server: SQLite takes one writer at a time and its locks stall "
+            "heartbeats under several processes; use --storage postgresql://user@host/db (see README), "
+            "or one worker per SQLite study"
+        )
+    dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
+    study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat)
+    budget = TrialBudget(study)
+    if not join:
+        budget.add(space.study.n_trials, others_running=_open_trials(study))
+    common = {
+        "space": space,
+        "storage_url": storage_url,
+        "cache_dir": cache_dir,
+        "artifacts_dir": artifacts_dir or artifact_dir(space.study.name, storage_url),
+        "heartbeat": heartbeat,
+    }
+    if workers == 1:
+        device = f"cuda:{gpus[0]}" if gpus else None
+        work(**common, device=device, callbacks=callbacks, dataset=dataset)
+        return study
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    processes = []
+    for i in range(workers):
+        device = f"cuda:{gpus[i % len(gpus)]}" if gpus else None
+        kwargs = {**common, "device": device, "sampler_seed_offset": i}
+        proc = context.Process(target=_worker_main, args=(kwargs,), name=f"worker-{i}")
+        proc.start()
+        processes.append(proc)
+    seen: set[int] = set()
+    try:
+        while any(p.is_alive() for p in processes):
+            _report_new(study, seen, callbacks)
+            time.sleep(POLL_SECONDS)
+    except KeyboardInterrupt:
+        for proc in processes:
+            proc.join(timeout=30)
+        raise
+    _report_new(study, seen, callbacks)
+    return study
+
+
+def _report_new(study: optuna.Study, seen: set[int], callbacks: Sequence[Callable]) -> None:
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)):
+        if trial.number not in seen:
+            seen.add(trial.number)
+            for callback in callbacks:
+                callback(study, trial)
