@@ -23,12 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import optuna
+
 from tuner.refit import refit
 from tuner.space import load_space
 from tuner.workers import run_optimize
 
 
 def main() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="../shared/data/breastmnist.npz")
     parser.add_argument("--space", default=str(Path(__file__).parents[1] / "search_spaces" / "breast.yaml"))

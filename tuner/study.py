@@ -79,6 +79,16 @@ class _OnStale:
         self.retry(study, trial)
 
 
+def parse_storage_url(url: str) -> sqlalchemy.engine.URL:
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise StorageError(
+            "storage must be an SQLAlchemy URL such as sqlite:///studies/NAME.db or postgresql://user@host/db, "
+            f"but got {redact(url)}"
+        ) from None
+
+
 def open_storage(
     url: str, *, heartbeat: int = 60, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
 ) -> RDBStorage:
@@ -86,12 +96,7 @@ def open_storage(
 
     A trial whose worker sent no heartbeat for ``3 * heartbeat`` seconds is failed and re-queued.
     """
-    try:
-        parsed = sqlalchemy.engine.make_url(url)
-    except (sqlalchemy.exc.ArgumentError, ValueError):
-        raise StorageError(
-            f"storage must be an SQLAlchemy URL such as sqlite:///studies/NAME.db or postgresql://user@host/db, but got {redact(url)}"
-        ) from None
+    parsed = parse_storage_url(url)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":

@@ -39,7 +39,9 @@ from tuner.study import (
     cv_folds,
     open_storage,
     open_study,
+    parse_storage_url,
     prepare,
+    redact,
 )
 from tuner.training import DeviceData
 
@@ -222,12 +224,14 @@ def run_optimize(
     """
     if workers < 1:
         raise StorageError(f"workers must be at least 1, but got workers={workers}")
-    if workers > 1 and sa.engine.make_url(storage_url).get_backend_name() == "sqlite":
+    if workers > 1 and parse_storage_url(storage_url).get_backend_name() == "sqlite":
         raise StorageError(
             f"--workers {workers} needs a database server: SQLite takes one writer at a time and its locks stall "
             "heartbeats under several processes; use --storage postgresql://user@host/db (see README), "
             "or one worker per SQLite study"
         )
+    if join:
+        _check_joinable(space.study.name, storage_url)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
     study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat)
     budget = TrialBudget(study)
@@ -264,6 +268,26 @@ def run_optimize(
         raise
     _report_new(study, seen, callbacks)
     return study
+
+
+def _check_joinable(study_name: str, storage_url: str) -> None:
+    """``--join`` needs a study whose trials were planned by a run without ``--join``."""
+    parsed = parse_storage_url(storage_url)
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").exists():
+        raise StorageError(
+            f"no study {study_name!r} to join: {parsed.database} does not exist; start it first without --join"
+        )
+    storage = open_storage(storage_url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    planned = False
+    if study_name in names:
+        budget = TrialBudget(optuna.load_study(study_name=study_name, storage=storage))
+        planned = budget.left() > 0 or _open_trials(optuna.load_study(study_name=study_name, storage=storage))
+    if not planned:
+        raise StorageError(
+            f"study {study_name!r} has no trials left to join in {redact(storage_url)}; "
+            "start it first without --join (that run adds --n-trials trials)"
+        )
 
 
 def _report_new(study: optuna.Study, seen: set[int], callbacks: Sequence[Callable]) -> None:

@@ -297,16 +297,16 @@ def open_source(
     synthetic_options: dict | None = None,
 ) -> Source:
     """Pick the source by what ``source`` names: ``synthetic``, a ``.npz``, a ``.csv`` or a folder."""
+    if group_column and not source.lower().endswith(".csv"):
+        raise DataError(
+            f"group_column={group_column!r} needs a CSV manifest with that column, but the source is {source}"
+        )
     if source == "synthetic":
         return synthetic_source(**(synthetic_options or {}))
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(
             f"data source {source} does not exist; expected an image folder, a .csv manifest, a .npz file or 'synthetic'"
-        )
-    if group_column and path.suffix.lower() != ".csv":
-        raise DataError(
-            f"group_column={group_column!r} needs a CSV manifest with that column, but the source is {source}"
         )
     if path.is_dir():
         return folder_source(path)
