@@ -188,3 +188,17 @@ def test_ctrl_c_leaves_no_trial_running(workdir):
     assert "interrupted" in stderr
     states = [t.state for t in load("tiny", workdir).get_trials()]
     assert states and TrialState.RUNNING not in states
+
+
+def test_a_space_where_every_trial_fails_stops_with_the_reason(workdir):
+    # bce needs two classes; three classes make every trial fail with the same, deterministic reason
+    root = workdir / "three"
+    from tests.conftest import make_image_folder
+
+    make_image_folder(root, {"benign": 12, "malignant": 12, "nevus": 12})
+    space = tiny_space(study={"n_trials": 3}, data={"source": str(root)}, params={"loss": "bce"})
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 2
+    assert "5 trials in a row failed, the last with: loss='bce' needs exactly two classes" in result.stderr
+    states = [t.state for t in load("tiny", workdir).get_trials()]
+    assert states == [TrialState.FAIL] * 5

@@ -31,7 +31,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.data import Dataset, load_dataset
-from tuner.data.loader import TensorSplit
 from tuner.data.splits import assign_folds
 from tuner.engine import FitResult, NonFiniteLossError
 from tuner.errors import StorageError, TunerError
@@ -257,14 +256,8 @@ def cv_folds(dataset: Dataset, k: int, seed: int, device: torch.device) -> list[
         groups = np.concatenate([dataset.train.groups, dataset.val.groups])
     fold = assign_folds(labels, groups, k=k, seed=seed)
     return [
-        DeviceData(
-            train=TensorSplit.from_numpy(images[fold != f], labels[fold != f], device),
-            val=TensorSplit.from_numpy(images[fold == f], labels[fold == f], device),
-            train_labels=labels[fold != f],
-            num_classes=dataset.num_classes,
-            positive_index=dataset.positive_index,
-            channels=dataset.channels,
-            image_size=dataset.image_size,
+        DeviceData.build(
+            dataset, device, train=(images[fold != f], labels[fold != f]), val=(images[fold == f], labels[fold == f])
         )
         for f in range(k)
     ]

@@ -48,11 +48,19 @@ class DeviceData:
     image_size: int
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, device: torch.device) -> DeviceData:
+    def build(
+        cls,
+        dataset: Dataset,
+        device: torch.device,
+        *,
+        train: tuple[np.ndarray, np.ndarray],
+        val: tuple[np.ndarray, np.ndarray] | None,
+    ) -> DeviceData:
+        """Move ``(images, labels)`` for training (and validation, if any) to ``device``."""
         return cls(
-            train=TensorSplit.from_numpy(dataset.train.images, dataset.train.labels, device),
-            val=TensorSplit.from_numpy(dataset.val.images, dataset.val.labels, device),
-            train_labels=dataset.train.labels,
+            train=TensorSplit.from_numpy(*train, device),
+            val=None if val is None else TensorSplit.from_numpy(*val, device),
+            train_labels=train[1],
             num_classes=dataset.num_classes,
             positive_index=dataset.positive_index,
             channels=dataset.channels,
@@ -60,19 +68,20 @@ class DeviceData:
         )
 
     @classmethod
+    def from_dataset(cls, dataset: Dataset, device: torch.device) -> DeviceData:
+        return cls.build(
+            dataset,
+            device,
+            train=(dataset.train.images, dataset.train.labels),
+            val=(dataset.val.images, dataset.val.labels),
+        )
+
+    @classmethod
     def train_and_val(cls, dataset: Dataset, device: torch.device) -> DeviceData:
         """Train and validation together as the training split (refit), no validation."""
         images = np.concatenate([dataset.train.images, dataset.val.images])
         labels = np.concatenate([dataset.train.labels, dataset.val.labels])
-        return cls(
-            train=TensorSplit.from_numpy(images, labels, device),
-            val=None,
-            train_labels=labels,
-            num_classes=dataset.num_classes,
-            positive_index=dataset.positive_index,
-            channels=dataset.channels,
-            image_size=dataset.image_size,
-        )
+        return cls.build(dataset, device, train=(images, labels), val=None)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.data import Dataset
 from tuner.engine import resolve_device
-from tuner.errors import StorageError
+from tuner.errors import StorageError, TunerError
 from tuner.space import SearchSpace
 from tuner.study import (
     STUDIES_DIR,
@@ -48,6 +48,7 @@ from tuner.training import DeviceData
 log = logging.getLogger(__name__)
 
 MAX_CRASH_RETRIES = 2
+MAX_FAILURES_IN_A_ROW = 5
 POLL_SECONDS = 1.0
 _metadata = sa.MetaData()
 _budget = sa.Table(
@@ -112,10 +113,15 @@ class _AfterTrial:
 
     def __init__(self, budget: TrialBudget) -> None:
         self.budget = budget
+        self.failures_in_a_row = 0
+        self.last_failure = ""
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if trial.state != TrialState.FAIL:
+            self.failures_in_a_row = 0
             return
+        self.failures_in_a_row += 1
+        self.last_failure = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason", "unknown")
         self.budget.give_back()
         if "fail_reason" in trial.user_attrs:
             return  # a deterministic fault: the same parameters would fail again
@@ -169,9 +175,16 @@ def work(
     )
     objective = Objective(space, DeviceData.from_dataset(dataset, torch_device), dataset.class_names, artifacts, folds)
     budget = TrialBudget(study)
-    after = [*callbacks, _AfterTrial(budget)]
+    after_trial = _AfterTrial(budget)
+    after = [*callbacks, after_trial]
     deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
     while deadline is None or time.monotonic() < deadline:
+        if after_trial.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            # Failed trials are replaced to keep the total exact; a space in which everything fails would loop forever.
+            raise TunerError(
+                f"{MAX_FAILURES_IN_A_ROW} trials in a row failed, the last with: {after_trial.last_failure}; "
+                f"see `tuner trials --study {space.study.name}`"
+            )
         if budget.claim():
             try:
                 study.optimize(
