@@ -20,12 +20,12 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[1]
 
 
-def _space(name: str, n_trials: int) -> dict:
+def _space(name: str, n_trials: int, epochs: int = 6) -> dict:
     # Trials of a few seconds each, so that a worker can be killed in the middle of one.
     return tiny_space(
         study={"name": name, "n_trials": n_trials, "pruner": {"name": "none"}, "artifacts": False},
         data={"image_size": 24, "synthetic": {"n_images": 300, "minority_fraction": 0.2}},
-        train={"max_epochs": 6},
+        train={"max_epochs": epochs},
     )
 
 
@@ -63,7 +63,7 @@ def _wait_for_running(name: str, url: str, timeout: float = 120) -> None:
     pytest.fail("no trial started")
 
 
-def _check_outcome(study: optuna.Study, total: int) -> None:
+def _check_outcome(study: optuna.Study, total: int, epochs: int = 6) -> None:
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == total, [(t.number, t.state.name) for t in trials]
@@ -74,7 +74,7 @@ def _check_outcome(study: optuna.Study, total: int) -> None:
     assert {t.number for t in failed} <= retried, "every killed trial was retried"
     for t in finished:
         history = t.user_attrs["history"]
-        assert len(history["val_auroc"]) == len(history["train_loss"]) == t.user_attrs["epochs_run"] == 6
+        assert len(history["val_auroc"]) == len(history["train_loss"]) == t.user_attrs["epochs_run"] == epochs
 
 
 def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_url, workdir):
@@ -97,12 +97,12 @@ def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_ur
 
 
 def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
-    path = write_space(workdir / "s.yaml", _space("lite", 4))
+    # Long trials, killed as soon as one runs: one worker has no other trial to be between.
+    path = write_space(workdir / "s.yaml", _space("lite", 4, epochs=15))
     url = f"sqlite:///{workdir}/studies/lite.db"
     first = _tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
     try:
         _wait_for_running("lite", url)
-        time.sleep(1.0)
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     finally:
@@ -111,7 +111,7 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
     restart = _tuner("optimize", "--space", str(path), "--heartbeat", "1", "--join", cwd=workdir)
     output, _ = restart.communicate(timeout=600)
     assert restart.returncode == 0, output
-    _check_outcome(_study("lite", url), 4)
+    _check_outcome(_study("lite", url), 4, epochs=15)
 
 
 def test_several_workers_on_sqlite_are_refused_with_the_alternatives(workdir):
