@@ -55,7 +55,9 @@ def _wait_for_running(name: str, url: str, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            if _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # running and past its first epoch: its heartbeat is recorded, and it is mid-trial
+            running = _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if any(t.intermediate_values for t in running):
                 return
         except (KeyError, optuna.exceptions.OptunaError, Exception):  # noqa: BLE001 - the study may not exist yet
             pass
@@ -84,7 +86,6 @@ def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_ur
     )
     try:
         _wait_for_running("pg", postgres_url)
-        time.sleep(1.5)
         workers = _children(proc.pid)
         workers = [pid for pid in workers if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn_main") >= 0]
         assert len(workers) == 3, workers

@@ -8,7 +8,7 @@ everything else keeps the default below.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -33,7 +33,7 @@ class Hyperparameters(BaseModel):
     hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
     dropout: Probability = 0.0
     drop_path: Probability = 0.0
-    pretrained: bool = False
+    pretrained: Union[bool, str] = False  # true: timm's cached weights; a path: a local weights file
     freeze_backbone: bool = False
     # class imbalance and loss
     imbalance: Literal[IMBALANCE_STRATEGIES] = "none"  # type: ignore[valid-type]

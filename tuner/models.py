@@ -7,10 +7,13 @@ backbone: ``build_model("resnet18", num_outputs=2, in_chans=1, hidden_sizes=(512
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from tuner.errors import TunerError
@@ -71,6 +74,55 @@ def check_model_name(name: str) -> None:
     )
 
 
+def _hub_cache() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
+    """The local file holding ``name``'s pretrained weights, or a clear error saying which file to fetch.
+
+    Nothing is downloaded: ``pretrained: true`` uses the weights when they are already in the
+    Hugging Face or torch hub cache; ``pretrained: /path/to/weights.safetensors`` (or a ``.pth``
+    state dict) uses that file.
+    """
+    if pretrained is False:
+        return None
+    if isinstance(pretrained, str):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise TunerError(f"pretrained weights file {pretrained} does not exist")
+        return path
+    if name in BUILTIN_MODELS:
+        raise TunerError(
+            f"the built-in model {name!r} has no pretrained weights; use a timm model or pretrained: false"
+        )
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise TunerError(f"timm has no pretrained weights for {name!r}; use pretrained: false or a local file")
+    wanted = []
+    if cfg.hf_hub_id:
+        repo = cfg.hf_hub_id.split("@")[0]
+        for filename in dict.fromkeys(
+            [cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"]
+        ):
+            found = try_to_load_from_cache(repo, filename, cache_dir=_hub_cache())
+            if isinstance(found, str):
+                return Path(found)
+            wanted.append(f"https://huggingface.co/{repo}/resolve/main/{filename}")
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        if cached.is_file():
+            return cached
+        wanted.append(cfg.url)
+    raise TunerError(
+        f"pretrained weights for {name!r} are not on this machine and tuner downloads nothing: fetch {wanted[0]} "
+        f"(e.g. `huggingface-cli download {cfg.hf_hub_id}` where there is internet, then copy {_hub_cache()}), "
+        f"or save the file anywhere and set pretrained: /path/to/{Path(wanted[0]).name}"
+    )
+
+
 class Classifier(nn.Module):
     """Backbone (features) + head. A frozen backbone stays in eval mode (its BatchNorm statistics too)."""
 
@@ -108,8 +160,12 @@ def build_head(
     return nn.Sequential(*layers)
 
 
-def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: float, pretrained: bool) -> nn.Module:
-    kwargs = {"num_classes": 0, "in_chans": in_chans, "pretrained": pretrained}
+def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: float, pretrained: bool | str) -> nn.Module:
+    weights = resolve_pretrained(name, pretrained)
+    kwargs: dict = {"num_classes": 0, "in_chans": in_chans, "pretrained": weights is not None}
+    if weights is not None:
+        # timm loads the local file, adapting the first conv to in_chans and dropping the classifier.
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     if drop_path > 0:
         kwargs["drop_path_rate"] = drop_path
     try:
@@ -130,12 +186,13 @@ def build_model(
     hidden_sizes: Sequence[int] = (),
     dropout: float = 0.0,
     drop_path: float = 0.0,
-    pretrained: bool = False,
+    pretrained: bool | str = False,
     freeze_backbone: bool = False,
 ) -> Classifier:
     """Build a classifier with ``num_outputs`` logits."""
     check_model_name(name)
     if name in BUILTIN_MODELS:
+        resolve_pretrained(name, pretrained)
         backbone = BUILTIN_MODELS[name](in_chans, image_size, width, depth)
     else:
         backbone = _timm_backbone(

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuner import hparams as hp
 from tuner.errors import SpaceError, TunerError
-from tuner.models import check_model_name
+from tuner.models import check_model_name, resolve_pretrained
 
 METRICS = (
     "val_auroc",
@@ -406,6 +406,34 @@ def _check_names(specs: tuple[ParamSpec, ...], problems: list[tuple[str, str]]) 
             )
 
 
+def _values(specs: tuple[ParamSpec, ...], name: str, default: Any) -> list[Any]:
+    found = []
+    for spec, _ in iter_specs(specs):
+        if spec.name == name:
+            found += (
+                [spec.value]
+                if isinstance(spec, Fixed)
+                else [o.value for o in spec.options]
+                if isinstance(spec, Choice)
+                else []
+            )
+    return found or [default]
+
+
+def _check_pretrained(specs: tuple[ParamSpec, ...], problems: list[tuple[str, str]]) -> None:
+    """Pretrained weights must be on this machine before the first trial, not discovered in trial 7."""
+    seen = set()
+    for model in _values(specs, "model", hp.Hyperparameters().model):
+        for pretrained in _values(specs, "pretrained", False):
+            if pretrained is False or (model, pretrained) in seen:
+                continue
+            seen.add((model, pretrained))
+            try:
+                resolve_pretrained(model, pretrained)
+            except TunerError as err:
+                problems.append(("params.pretrained", str(err)))
+
+
 def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for e in err.errors():
@@ -476,6 +504,8 @@ def parse_space(raw: Any, source: str = "<space>", overrides: Mapping[str, Any] 
     specs = _parse_params(space.params, "params", problems)
     if not problems:
         _check_names(specs, problems)
+    if not problems:
+        _check_pretrained(specs, problems)
     if problems:
         raise SpaceError(source, problems)
     return space

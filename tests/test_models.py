@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import invoke, tiny_space, write_space
+from tuner.errors import TunerError
+from tuner.models import build_model, resolve_pretrained
+
+
+@pytest.fixture
+def no_weight_caches(tmp_path, monkeypatch):
+    """Empty Hugging Face and torch hub caches: nothing is cached, and nothing may be downloaded."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    """A checkpoint the test saves itself: test_resnet's weights, as safetensors."""
+    torch.manual_seed(123)
+    source = timm.create_model("test_resnet", pretrained=False)
+    path = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    return path, source.state_dict()
+
+
+def test_local_weights_file_is_loaded_into_the_backbone(weights_file):
+    path, saved = weights_file
+    model = build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pretrained=str(path))
+    for key, value in model.backbone.state_dict().items():
+        torch.testing.assert_close(value, saved[key])
+    # grey images: timm folds the RGB filters of the first conv into one channel
+    grey = build_model("test_resnet", num_outputs=2, in_chans=1, image_size=32, pretrained=str(path))
+    first = next(k for k in saved if saved[k].ndim == 4)
+    torch.testing.assert_close(grey.backbone.state_dict()[first], saved[first].sum(1, keepdim=True))
+
+
+def test_missing_weights_are_reported_before_any_trial(no_weight_caches, workdir):
+    with pytest.raises(
+        TunerError, match=r"fetch https://huggingface.co/timm/resnet18\.\S+/resolve/main/model.safetensors"
+    ):
+        resolve_pretrained("resnet18", True)
+    space = write_space(workdir / "s.yaml", tiny_space(params={"model": "resnet18", "pretrained": True}))
+    result = invoke("optimize", "--space", space)
+    assert result.exit_code == 2
+    assert "params.pretrained: pretrained weights for 'resnet18' are not on this machine" in result.stderr
+    assert "set pretrained: /path/to/model.safetensors" in result.stderr
+    assert not list(workdir.glob("studies/*.db"))
+    missing = write_space(workdir / "m.yaml", tiny_space(params={"model": "resnet18", "pretrained": "nope.pth"}))
+    assert "pretrained weights file nope.pth does not exist" in invoke("space", "check", missing).stderr
+    builtin = write_space(workdir / "b.yaml", tiny_space(params={"pretrained": True}))
+    assert "has no pretrained weights" in invoke("space", "check", builtin).stderr
+
+
+def test_a_study_trains_from_local_weights(no_weight_caches, weights_file, workdir):
+    path, _ = weights_file
+    space = tiny_space(
+        study={"n_trials": 1},
+        params={"model": "test_resnet", "pretrained": str(path), "freeze_backbone": {"choices": [True]}},
+    )
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 0, result.output
