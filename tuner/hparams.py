@@ -12,13 +12,15 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from tuner.data.augment import AUGMENT_PRESETS
+from tuner.data.imbalance import IMBALANCE_STRATEGIES
+from tuner.losses import LOSSES
+from tuner.optim import OPTIMIZERS, SCHEDULERS
+
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "step", "multistep", "exponential", "plateau", "onecycle", "cosine")
-IMBALANCE_STRATEGIES = ("none", "oversample", "undersample", "class_weight", "weighted_sampler")
-LOSSES = ("ce", "bce", "focal")
-AUGMENTATIONS = ("none", "flip", "hflip", "flip_rotate", "affine", "light", "rotate180")
+# The choices come from the factories that implement them, so the two can never disagree.
+AUGMENTATIONS = tuple(AUGMENT_PRESETS)
 
 
 class Hyperparameters(BaseModel):

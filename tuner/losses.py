@@ -13,6 +13,8 @@ from torch import nn
 
 from tuner.errors import TunerError
 
+LOSSES = ("ce", "bce", "focal")
+
 
 def num_outputs(loss: str, num_classes: int) -> int:
     return 1 if loss == "bce" else num_classes

@@ -14,7 +14,7 @@ from imblearn.over_sampling import RandomOverSampler
 from imblearn.under_sampling import RandomUnderSampler
 from sklearn.utils.class_weight import compute_class_weight
 
-RESAMPLING = ("oversample", "undersample", "weighted_sampler")
+IMBALANCE_STRATEGIES = ("none", "oversample", "undersample", "class_weight", "weighted_sampler")
 
 
 def target_counts(labels: np.ndarray, strategy: str, ratio: float) -> dict[int, int]:
