@@ -161,14 +161,7 @@ def optimize(
     spec = load_space(space, overrides)
     storage_url = storage or _default_storage(spec.study.name)
     total = 0 if join else spec.study.n_trials
-    progress = Progress(
-        TextColumn("[bold]trials"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-    )
+    progress = _progress("trials", quiet)
 
     def report_trial(study_: Any, trial: Any) -> None:
         from tuner.study import trial_summary
@@ -210,6 +203,18 @@ def optimize(
         soft_wrap=True,
         markup=False,
         highlight=False,
+    )
+
+
+def _progress(label: str, quiet: bool) -> Progress:
+    """The command's one progress bar, on stderr; off when quiet or not a terminal."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=quiet or not err.is_terminal,
     )
 
 
@@ -371,14 +376,7 @@ def refit(
     if best_trial and trial is not None:
         raise TunerError("give either --best or --trial N, not both")
     s = load_existing_study(study, storage)
-    progress = Progress(
-        TextColumn("[bold]seeds"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-    )
+    progress = _progress("seeds", quiet)
     with progress:
         task = progress.add_task("seeds", total=seeds)
         report = run_refit(
