@@ -51,15 +51,17 @@ def _study(name: str, url: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(url))
 
 
-def _wait_for_running(name: str, url: str, timeout: float = 120) -> None:
+def _wait_for_running(name: str, url: str, timeout: float = 120) -> int:
+    """The process id of a worker whose trial is running and past its first epoch (so mid-trial,
+    with its heartbeat recorded)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            # running and past its first epoch: its heartbeat is recorded, and it is mid-trial
             running = _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if any(t.intermediate_values for t in running):
-                return
-        except (KeyError, optuna.exceptions.OptunaError, Exception):  # noqa: BLE001 - the study may not exist yet
+            for trial in running:
+                if trial.intermediate_values:
+                    return int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+        except Exception:  # noqa: BLE001 - the study or its tables may not exist yet
             pass
         time.sleep(0.3)
     pytest.fail("no trial started")
@@ -85,11 +87,11 @@ def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_ur
         "optimize", "--space", str(path), "--storage", postgres_url, "--workers", "3", "--heartbeat", "1", cwd=workdir
     )
     try:
-        _wait_for_running("pg", postgres_url)
+        victim = _wait_for_running("pg", postgres_url)
         workers = _children(proc.pid)
         workers = [pid for pid in workers if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn_main") >= 0]
-        assert len(workers) == 3, workers
-        os.kill(workers[0], signal.SIGKILL)
+        assert len(workers) == 3 and victim in workers, (victim, workers)
+        os.kill(victim, signal.SIGKILL)
         output, _ = proc.communicate(timeout=600)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
@@ -103,7 +105,7 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
     url = f"sqlite:///{workdir}/studies/lite.db"
     first = _tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
     try:
-        _wait_for_running("lite", url)
+        assert _wait_for_running("lite", url) == first.pid
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     finally:

@@ -287,14 +287,13 @@ def refit(
         evaluation_report, class_names=dataset.class_names, positive_index=positive, threshold=threshold or 0.5
     )
 
-    probs_per_seed, per_seed, histories = [], [], []
+    probs_per_seed, per_seed = [], []
     for k, seed in enumerate(seed_list):
-        model, result = train_model(hparams, data_tv, settings, seed=seed, epochs=epochs)
+        model, _ = train_model(hparams, data_tv, settings, seed=seed, epochs=epochs)
         normalize = model_normalization(model, hparams.model, dataset.channels)
         probs = _test_probabilities(model, dataset, normalize, torch_device)
         probs_per_seed.append(probs)
         per_seed.append({"seed": seed, **metric_fn(probs, target)})
-        histories.append(result.history)
         name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
         save_model(
             out_dir / name,

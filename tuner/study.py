@@ -13,6 +13,8 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
+import socket
 import tempfile
 import time
 import warnings
@@ -296,6 +298,7 @@ class Objective:
         """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value."""
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("hparams", hparams.model_dump(mode="json"))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
         history: dict[str, list[float]] = {}
         try:
             if self.folds:

@@ -33,7 +33,6 @@ from tuner.space import SearchSpace
 from tuner.study import (
     STUDIES_DIR,
     Objective,
-    artifact_dir,
     build_pruner,
     build_sampler,
     cv_folds,
@@ -147,7 +146,6 @@ def work(
     *,
     storage_url: str,
     cache_dir: Path,
-    artifacts_dir: Path | None,
     device: str | None = None,
     sampler_seed_offset: int = 0,
     heartbeat: int = 60,
@@ -254,7 +252,6 @@ def run_optimize(
         "space": space,
         "storage_url": storage_url,
         "cache_dir": cache_dir,
-        "artifacts_dir": artifacts_dir or artifact_dir(space.study.name, storage_url),
         "heartbeat": heartbeat,
     }
     if workers == 1:
@@ -294,8 +291,8 @@ def _check_joinable(study_name: str, storage_url: str) -> None:
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     planned = False
     if study_name in names:
-        budget = TrialBudget(optuna.load_study(study_name=study_name, storage=storage))
-        planned = budget.left() > 0 or _open_trials(optuna.load_study(study_name=study_name, storage=storage))
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        planned = TrialBudget(study).left() > 0 or _open_trials(study)
     if not planned:
         raise StorageError(
             f"study {study_name!r} has no trials left to join in {redact(storage_url)}; "
