@@ -9,7 +9,8 @@ import torch
 from tests.conftest import make_image_folder
 from tuner.data import load_dataset
 from tuner.data.augment import AUGMENT_PRESETS, BatchAugment
-from tuner.data.imbalance import balanced_class_weights, epoch_indices, target_counts
+from tuner.data.imbalance import balanced_class_weights, epoch_indices, synthesize, target_counts
+from tuner.data.sources import CsvColumns
 from tuner.data.splits import assign_splits
 from tuner.data.synthetic import make_synthetic, synthetic_labels
 from tuner.errors import DataError
@@ -46,7 +47,7 @@ def test_grouped_split_never_puts_a_patient_in_two_splits(csv_manifest, tmp_path
     ds = load_dataset(
         str(csv_manifest),
         image_size=12,
-        group_column="patient",
+        columns=CsvColumns(group="patient"),
         cache_dir=tmp_path / "c",
         include_test=True,
         split_seed=3,
@@ -159,16 +160,46 @@ def test_synthetic_is_deterministic_and_imbalanced():
         ("undersample", 3.0, {0: 30, 1: 10}),
         ("oversample", 1.0, {0: 90, 1: 90}),
         ("oversample", 2.0, {0: 90, 1: 45}),
+        ("multiply", 1.0, {0: 45, 1: 125}),
     ],
 )
 def test_imbalance_strategies_give_the_promised_counts(strategy, ratio, expected):
     labels = np.array([0] * 90 + [1] * 10)
-    assert target_counts(labels, strategy, ratio) == expected
+    multipliers = {0: 0.5, 1: 12.5}  # only 'multiply' reads them
+    assert target_counts(labels, strategy, ratio, multipliers) == expected
     for epoch in range(3):
-        idx = epoch_indices(labels, strategy, ratio=ratio, seed=epoch)
+        idx = epoch_indices(labels, strategy, ratio=ratio, seed=epoch, multipliers=multipliers)
         counts = np.bincount(labels[idx], minlength=2)
         assert dict(enumerate(counts.tolist())) == expected
         assert idx.max() < len(labels), "indices point into the training split only"
+
+
+def test_multiply_repeats_every_minority_item_and_draws_the_fraction_afresh():
+    labels = np.array([0] * 30 + [1] * 4)
+    epochs = [epoch_indices(labels, "multiply", seed=s, multipliers={1: 2.5}) for s in range(8)]
+    for idx in epochs:
+        minority = np.bincount(idx[labels[idx] == 1], minlength=34)[30:]
+        assert sorted(minority.tolist()) == [2, 2, 3, 3]  # each twice, two of them a third time
+    assert len({tuple(np.sort(idx)) for idx in epochs}) > 1
+
+
+@pytest.mark.parametrize(("strategy", "ratio"), [("smote", 1.0), ("smote", 2.0), ("adasyn", 1.0)])
+def test_smote_and_adasyn_make_new_minority_images_between_real_ones(strategy, ratio):
+    images, labels = make_synthetic(200, image_size=12, minority_fraction=0.15, seed=2)
+    new, new_labels = synthesize(images, labels, strategy, ratio=ratio, seed=0)
+    counts = np.bincount(labels, minlength=2)
+    wanted = target_counts(labels, strategy, ratio)
+    assert new.dtype == np.uint8 and new.shape[1:] == images.shape[1:]
+    assert set(new_labels.tolist()) == {1}, "only the minority class gets new images"
+    if strategy == "smote":
+        assert len(new) == wanted[1] - counts[1]
+    else:  # ADASYN draws per-neighbourhood counts that add up to about the target
+        assert abs(len(new) - (wanted[1] - counts[1])) <= 0.1 * wanted[1]
+    minority = images[labels == 1].reshape(counts[1], -1)
+    copies = sum(bool((minority == img.reshape(1, -1)).all(1).any()) for img in new)
+    assert copies < 0.1 * len(new), "new images, not copies (a tiny step towards a neighbour rounds back)"
+    # interpolations stay inside the minority images' pixel range
+    assert (new.reshape(len(new), -1) >= minority.min(0)).all() and (new.reshape(len(new), -1) <= minority.max(0)).all()
 
 
 def test_undersampling_sees_different_majority_items_each_epoch():
@@ -203,6 +234,33 @@ def test_unknown_augmentation_lists_the_valid_ones():
         BatchAugment.from_name("mixup")
 
 
+def test_perspective_maps_the_moved_corners_onto_the_image_corners():
+    from tuner.data.augment import CORNERS, homographies, perspective_matrices
+
+    moved = CORNERS + torch.tensor([[0.3, 0.1], [-0.2, 0.25], [-0.05, -0.4], [0.1, -0.1]])
+    h = homographies(moved[None], CORNERS[None])[0]
+    mapped = torch.cat([moved, torch.ones(4, 1)], 1) @ h.T
+    torch.testing.assert_close(mapped[:, :2] / mapped[:, 2:], CORNERS, atol=1e-5, rtol=0)
+    never = perspective_matrices(4, 0.5, 0.0, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(never, torch.eye(3).expand(4, -1, -1), atol=1e-6, rtol=0)
+
+
+def test_rotation_with_expansion_keeps_the_whole_image_in_view():
+    x = torch.full((64, 1, 32, 32), 255.0)
+    out = BatchAugment.from_name("rotate180_expand")(x, torch.Generator().manual_seed(0))
+    # The rotated square fits inside: the frame's corners are empty, its centre is not.
+    assert (out[:, :, 0, 0] < 128).all() and (out[:, :, 16, 16] > 250).all()
+    assert out.sum() < x.sum()
+
+
+def test_random_choice_gives_samples_different_kinds_of_warp():
+    from tuner.data.augment import AUGMENT_PRESETS, geometric_matrices
+
+    m = geometric_matrices(AUGMENT_PRESETS["flip_random_choice"], 300, torch.Generator().manual_seed(0))
+    projective = (m[:, 2, :2].abs() > 1e-6).any(1)
+    assert 0.15 < projective.float().mean() < 0.5, "about a third get a perspective warp"
+
+
 def test_sampling_grid_equals_affine_grid():
     from torch.nn.functional import affine_grid
 
@@ -210,3 +268,5 @@ def test_sampling_grid_equals_affine_grid():
 
     theta = BatchAugment.from_name("affine").affine_matrices(5, torch.Generator().manual_seed(1))
     torch.testing.assert_close(sampling_grid(theta, 13, 17), affine_grid(theta, [5, 3, 13, 17], align_corners=False))
+    square = torch.cat([theta, torch.tensor([[[0.0, 0.0, 1.0]]]).expand(5, -1, -1)], 1)
+    torch.testing.assert_close(sampling_grid(square, 13, 17), sampling_grid(theta, 13, 17))

@@ -98,3 +98,78 @@ def test_frozen_backbone_only_trains_the_head(tiny_data):
     torch.testing.assert_close(model.backbone.state_dict(), fresh.backbone.state_dict())
     assert not torch.equal(model.head[-1].weight, fresh.head[-1].weight)
     assert result.epochs_run == 1
+
+
+@pytest.fixture
+def tagged_data(csv_manifest, tmp_path):
+    """The CSV manifest with an annotator-agreement column, plus a folder of 'synthetic' malignant images."""
+    import csv
+
+    from tests.conftest import make_image_folder
+    from tuner.data.sources import CsvColumns
+
+    rows = list(csv.DictReader(csv_manifest.open()))
+    for i, row in enumerate(rows):
+        row["agreement"] = ("3/7", "4/7", "7/7")[i % 3]
+    with csv_manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    extra = make_image_folder(tmp_path / "extra", {"malignant": 12}, seed=9) / "malignant"
+    ds = load_dataset(
+        str(csv_manifest),
+        image_size=12,
+        columns=CsvColumns(group="patient", tag="agreement"),
+        extra_train=(str(extra), "malignant"),
+        cache_dir=tmp_path / "cache",
+    )
+    return ds, DeviceData.from_dataset(ds, torch.device("cpu"))
+
+
+def test_training_pool_drops_hard_examples_adds_extra_images_and_leaves_validation_alone(tagged_data):
+    import numpy as np
+
+    from tuner.training import loss_class_weights, training_pool
+
+    ds, data = tagged_data
+    malignant = ds.class_names.index("malignant")
+    pool, labels = training_pool(Hyperparameters(), data, seed=0)
+    assert pool is data.train and labels is data.train_labels  # nothing asked, nothing copied
+
+    hp = Hyperparameters(drop_hard=("3/7", "4/7"), extra_ratio=1.0)
+    pool, labels = training_pool(hp, data, seed=0)
+    kept = ds.train.tags == "7/7"
+    real_malignant = int((ds.train.labels[kept] == malignant).sum())
+    assert len(pool) == len(labels) == kept.sum() + min(12, real_malignant)
+    assert (np.bincount(labels, minlength=2)[malignant]) == real_malignant + min(12, real_malignant)
+    assert torch.equal(pool.labels, torch.from_numpy(labels))
+    assert len(data.val) == len(ds.val) and data.val.labels.tolist() == ds.val.labels.tolist()
+
+    smote, smote_labels = training_pool(Hyperparameters(imbalance="smote"), data, seed=0)
+    assert len(set(np.bincount(smote_labels).tolist())) == 1, "SMOTE balances the training pool"
+    assert len(smote) > len(data.train) and len(data.train) == len(ds.train)
+
+    weights = loss_class_weights(Hyperparameters(class_weights={"malignant": 0.85, "benign": 0.5}), data, labels)
+    assert weights[malignant] == 0.85 and weights[1 - malignant] == 0.5
+    balanced = loss_class_weights(Hyperparameters(class_weights="balanced"), data, labels)
+    assert balanced[malignant] > 1 > balanced[1 - malignant]
+
+
+def test_per_class_multipliers_and_weights_train_by_class_name(tagged_data):
+    from tuner.errors import TunerError
+
+    _, data = tagged_data
+    hp = Hyperparameters(
+        width=4,
+        depth=2,
+        batch_size=8,
+        imbalance="multiply",
+        class_multipliers={"malignant": 3.0},
+        class_weights="balanced",
+        drop_hard=("3/7",),
+        extra_ratio=0.5,
+    )
+    _, result = train_model(hp, data, SETTINGS, seed=0)
+    assert result.epochs_run == 4
+    with pytest.raises(TunerError, match="class_multipliers names class 'cancer'"):
+        train_model(hp.model_copy(update={"class_multipliers": {"cancer": 3.0}}), data, SETTINGS, seed=0)

@@ -63,3 +63,53 @@ def test_a_study_trains_from_local_weights(no_weight_caches, weights_file, workd
     )
     result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
     assert result.exit_code == 0, result.output
+
+
+def test_torchvision_names_build_with_tuner_head_and_local_weights(no_weight_caches, tmp_path):
+    import torchvision
+
+    torch.manual_seed(7)
+    source = torchvision.models.get_model("alexnet", weights=None)
+    path = tmp_path / "alexnet.pth"
+    torch.save(source.state_dict(), path)
+    model = build_model("alexnet", num_outputs=1, in_chans=1, image_size=64, hidden_sizes=(32,), pretrained=str(path))
+    assert model(torch.rand(2, 1, 64, 64)).shape == (2, 1)  # grey images repeated to three channels
+    assert model.backbone.num_features == 4096  # alexnet's last linear layer gave way to tuner's head
+    torch.testing.assert_close(model.backbone.model.features[0].weight, source.features[0].weight)
+    with pytest.raises(TunerError, match=r"alexnet-owt-.*\.pth"):
+        resolve_pretrained("alexnet", True)
+    # a name both libraries have is timm's unless prefixed
+    assert type(build_model("resnet18", num_outputs=2, in_chans=3, image_size=32).backbone).__module__.startswith(
+        "timm"
+    )
+    tv = build_model("torchvision/resnet18", num_outputs=2, in_chans=3, image_size=32)
+    assert type(tv.backbone.model).__module__.startswith("torchvision")
+
+
+def test_vision_transformer_dropouts_reach_the_blocks_asked_for():
+    model = build_model(
+        "vit_tiny_patch16_224",
+        num_outputs=2,
+        in_chans=3,
+        image_size=32,
+        dropout=0.3,
+        drop_path=0.1,
+        pos_dropout=0.2,
+        block_dropout=0.4,
+        dropout_blocks=3,
+    )
+    vit = model.backbone
+    assert vit.pos_drop.p == 0.2
+    block_rates = [{m.p for m in b.modules() if isinstance(m, torch.nn.Dropout)} for b in vit.blocks]
+    assert block_rates[-3:] == [{0.4}] * 3 and block_rates[:-3] == [{0.0}] * (len(vit.blocks) - 3)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.3 for m in model.head)
+    assert vit.blocks[-1].drop_path1.drop_prob > 0
+    with pytest.raises(TunerError, match="pos_dropout needs a vision transformer"):
+        build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pos_dropout=0.1)
+
+
+def test_small_cnn_without_batch_norm():
+    with_bn = build_model("small_cnn", num_outputs=2, in_chans=3, image_size=32, depth=3)
+    without = build_model("small_cnn", num_outputs=2, in_chans=3, image_size=32, depth=3, batch_norm=False)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 3
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())

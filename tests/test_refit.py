@@ -257,3 +257,55 @@ def test_top_k_rescoring_picks_by_the_mean_over_new_seeds(optimized, workdir):
     ranked = sorted(optimized.trials, key=lambda t: -t.value)[:2]
     assert [r["trial"] for r in rows] == [t.number for t in ranked]
     assert load_existing_study("tiny", None).user_attrs["rescoring"]["chosen"] == chosen["trial"]
+
+
+def test_ensemble_of_two_studies_reports_members_and_their_average(optimized, workdir, lesion_npz):
+    mlp = _space(lesion_npz, name="mlp")
+    mlp["params"] = {"model": "mlp", "hidden_sizes": [32], "lr": {"low": 1e-3, "high": 1e-2, "log": True}}
+    assert invoke("optimize", "--space", write_space(workdir / "mlp.yaml", mlp)).exit_code == 0
+
+    result = invoke("ensemble", "--study", "tiny", "--study", "mlp", "--top-k", "2", "--bootstrap", "50")
+    assert result.exit_code == 0, result.output
+    assert "ensemble" in result.stdout and "tiny#" in result.stdout and "mlp#" in result.stdout
+
+    out = workdir / "studies" / "tiny" / "ensemble"
+    report = json.loads((out / "report.json").read_text())
+    members = report["members"]
+    assert [m["study"] for m in members] == ["tiny", "tiny", "mlp", "mlp"]
+    assert {m["model"] for m in members} == {"small_cnn", "mlp"}
+    for m in members:  # each member is its trial, replayed exactly (CPU), and at its own frozen threshold
+        study = load_existing_study(m["study"], None)
+        trial = study.trials[m["trial"]]
+        assert m["replayed_validation_value"] == pytest.approx(trial.value, abs=1e-6)
+        assert m["threshold"] == trial.user_attrs["threshold"]
+        assert study.user_attrs["test_set_reads"][-1]["what"] == "ensemble"
+
+    rows: dict[str, list] = {}
+    with (out / "predictions.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            rows.setdefault(row["model"], []).append(float(row["p_malignant"]))
+    probs = {name: np.array(v) for name, v in rows.items()}
+    np.testing.assert_allclose(probs["ensemble"], np.mean([probs[m["name"]] for m in members], 0), atol=1e-5)
+    target = (np.load(lesion_npz)["test_labels"][:, 0] == 1).astype(int)
+    assert report["ensemble"]["metrics"]["auroc"] == pytest.approx(roc_auc_score(target, probs["ensemble"]), abs=1e-4)
+    assert "## Members and ensemble on the test split" in (out / "report.md").read_text()
+
+    # A member's saved model is the refit model: evaluating it alone gives its row's test AUROC.
+    first = members[0]
+    model = out / f"model-{first['study']}-{first['trial']}.pt"
+    evaluated = invoke("evaluate", "--model", model, "--data", lesion_npz, "--out", "ev", "--bootstrap", "20")
+    assert evaluated.exit_code == 0, evaluated.output
+    ev = json.loads((workdir / "ev" / "report.json").read_text())
+    assert ev["metrics"]["auroc"] == pytest.approx(first["metrics"]["auroc"], abs=1e-6)
+
+    # The test set has now judged these trials: another ensemble (or refit) of others needs consent.
+    again = invoke("ensemble", "--study", "tiny", "--study", "mlp", "--top-k", "3", "--force", "--bootstrap", "20")
+    assert again.exit_code == 2 and "test-set reuse" in again.stderr
+
+
+def test_ensemble_refuses_studies_on_different_data(optimized, workdir):
+    other = write_space(workdir / "o.yaml", tiny_space(study={"name": "other"}))
+    assert invoke("optimize", "--space", other).exit_code == 0
+    result = invoke("ensemble", "--study", "tiny", "--study", "other", "--top-k", "1")
+    assert result.exit_code == 2
+    assert "was not run on the same data, split and classes" in result.stderr

@@ -112,7 +112,7 @@ MALFORMED = [
     ),
     (
         {"params": {"model": "resnet_18"}},
-        "params.model: model must be a built-in (small_cnn, mlp) or a timm model name, but got model='resnet_18'",
+        "params.model: model must be a built-in (small_cnn, mlp), a timm or a torchvision model name, but got model='resnet_18'",
     ),
     ({"params": {"batch_size": {"low": 8.5, "high": 64}}}, "params.batch_size.low: Input should be a valid integer"),
     ({"params": {"dropout": 1.0}}, "params.dropout: Input should be less than 1, but got dropout=1.0"),

@@ -48,6 +48,22 @@ def test_optimize_end_to_end_stores_every_trial(workdir):
         assert sorted(t.intermediate_values) == [1, 2]
 
 
+def test_checkpoint_metric_picks_the_epoch_and_the_study_metric_values_it(workdir):
+    space = parse_space(
+        tiny_space(
+            study={"n_trials": 2, "artifacts": False},
+            train={"max_epochs": 4, "patience": 2, "checkpoint_metric": "val_recall"},
+            params={"lr": 0.05},
+        )
+    )
+    study = run_optimize(space, storage_url="sqlite:///studies/ck.db", cache_dir=workdir / "cache")
+    for t in study.get_trials():
+        history, best = t.user_attrs["history"], t.user_attrs["best_epoch"]
+        assert history["val_recall"][best - 1] == max(history["val_recall"])
+        assert history["val_recall"].index(max(history["val_recall"])) == best - 1  # the first epoch at the max
+        assert t.value == history["val_auroc"][best - 1]
+
+
 def test_resume_adds_trials_and_a_changed_space_is_refused(workdir):
     space = write_space(workdir / "s.yaml", tiny_space(study={"n_trials": 2}))
     assert invoke("optimize", "--space", space).exit_code == 0

@@ -137,6 +137,14 @@ def optimize(
         int,
         typer.Option("--heartbeat", help="Seconds between worker heartbeats; a trial silent for 3x this is retried."),
     ] = 60,
+    assignments: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--set",
+            help="Override any key of the space file with a YAML value: --set params.lr=0.001, "
+            "--set 'data.extra_train={source: synth/, label: malignant}', --set data.extra_train=null (repeatable).",
+        ),
+    ] = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -145,7 +153,7 @@ def optimize(
     Each run adds --n-trials trials to the study, shared by its --workers; `--join` on another
     machine helps finish them. The total is exact: failed trials are replaced.
     """
-    from tuner.space import load_space
+    from tuner.space import load_space, parse_assignments
     from tuner.study import redact
     from tuner.workers import run_optimize
 
@@ -158,7 +166,7 @@ def optimize(
         "train.device": device,
         "train.max_epochs": max_epochs,
     }
-    spec = load_space(space, overrides)
+    spec = load_space(space, overrides, parse_assignments(assignments or []))
     storage_url = storage or _default_storage(spec.study.name)
     total = 0 if join else spec.study.n_trials
     progress = _progress("trials", quiet)
@@ -406,6 +414,68 @@ def refit(
     )
     folder = out_dir or Path("studies") / study / "refit"
     out.print(f"model, predictions, plots and report in {folder}/", highlight=False)
+
+
+@app.command()
+@user_errors
+def ensemble(
+    studies: Annotated[
+        list[str], typer.Option("--study", "-s", help="A study whose top trials join the ensemble (repeatable).")
+    ],
+    storage: StorageOpt = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="Members per study: its K best completed trials.")] = 3,
+    per_model: Annotated[
+        bool, typer.Option("--per-model", help="Only each architecture's best trial counts towards --top-k.")
+    ] = False,
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", help="Output folder; default studies/<first study>/ensemble.")
+    ] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier ensemble's output.")] = False,
+    allow_test_reuse: Annotated[
+        bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged other trials.")
+    ] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CIs.")] = 1000,
+    verbose: VerboseOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Average the probabilities of the top trials of one or more studies; report the ensemble next to its members.
+
+    Each member is replayed on the training split (its validation probabilities set the ensemble's
+    threshold), refit on train+validation like `tuner refit`, and evaluated once on the test split.
+    """
+    from tuner.ensemble import ensemble as run_ensemble
+    from tuner.study import load_existing_study
+
+    _setup_logging(verbose, quiet)
+    loaded = [load_existing_study(name, storage) for name in dict.fromkeys(studies)]
+    progress = _progress("members", quiet)
+    with progress:
+        task = progress.add_task("members", total=None)
+        report = run_ensemble(
+            loaded,
+            top_k=top_k,
+            per_model=per_model,
+            out_dir=out_dir,
+            cache_dir=cache_dir,
+            device=device,
+            allow_test_reuse=allow_test_reuse,
+            force=force,
+            n_bootstrap=bootstrap,
+            on_member=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    table = Table(title="test split (members at their own thresholds, the ensemble at one chosen on validation)")
+    names = [m for m in ("auroc", "auprc", "f1", "recall", "specificity", "focus_recall") if m in report["summary"]]
+    for column in ("model", "val", *names):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in [*report["members"], report["ensemble"]]:
+        label = row["name"] if "model" not in row else f"{row['name']} ({row['model']})"
+        val = _fmt(row.get("validation_value", ""))
+        table.add_row(label, val, *[_fmt(row["summary"][n]["mean"]) for n in names])
+    out.print(table)
+    folder = out_dir or Path("studies") / loaded[0].study_name / "ensemble"
+    out.print(f"member models, predictions, plots and report in {folder}/", highlight=False)
 
 
 def _print_test_summary(report: dict, headline: str) -> None:

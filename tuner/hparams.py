@@ -18,6 +18,8 @@ from tuner.losses import LOSSES
 from tuner.optim import OPTIMIZERS, SCHEDULERS
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
+ClassValue = Annotated[float, Field(gt=0.0, le=1000.0)]
+PerClass = dict[str, ClassValue]  # keyed by class name, e.g. {benign: 0.5, malignant: 0.85}
 
 # The choices come from the factories that implement them, so the two can never disagree.
 AUGMENTATIONS = tuple(AUGMENT_PRESETS)
@@ -32,14 +34,22 @@ class Hyperparameters(BaseModel):
     model: str = "small_cnn"
     width: Annotated[int, Field(ge=1, le=1024)] = 32
     depth: Annotated[int, Field(ge=1, le=8)] = 3
+    batch_norm: bool = True  # small_cnn: BatchNorm after each conv
     hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
     dropout: Probability = 0.0
-    drop_path: Probability = 0.0
+    drop_path: Probability = 0.0  # stochastic depth (timm models that support it)
+    pos_dropout: Probability = 0.0  # vision transformers: dropout after the position embedding
+    block_dropout: Probability = 0.0  # vision transformers: dropout inside the last `dropout_blocks` blocks
+    dropout_blocks: Annotated[int, Field(ge=0)] = 0  # 0 = every block
     pretrained: Union[bool, str] = False  # true: timm's cached weights; a path: a local weights file
     freeze_backbone: bool = False
     # class imbalance and loss
     imbalance: Literal[IMBALANCE_STRATEGIES] = "none"  # type: ignore[valid-type]
     ratio: Annotated[float, Field(ge=1.0)] = 1.0
+    class_multipliers: PerClass = {}  # imbalance=multiply: times each class appears per epoch (1 if absent)
+    class_weights: Union[Literal["none", "balanced"], PerClass] = "none"  # loss weights; balanced = sklearn's
+    extra_ratio: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0  # data.extra_train images per real one of that class
+    drop_hard: tuple[str, ...] = ()  # training items whose data.hard_example_column value is listed are left out
     loss: Literal[LOSSES] = "ce"  # type: ignore[valid-type]
     label_smoothing: Probability = 0.0
     focal_gamma: Annotated[float, Field(ge=0.0)] = 2.0
@@ -63,6 +73,7 @@ class Hyperparameters(BaseModel):
 
 
 HPARAM_NAMES: tuple[str, ...] = tuple(Hyperparameters.model_fields)
+CLASS_VALUE: TypeAdapter[float] = TypeAdapter(ClassValue)
 
 
 def field_adapter(name: str) -> TypeAdapter[Any]:
@@ -74,8 +85,10 @@ def field_adapter(name: str) -> TypeAdapter[Any]:
 
 
 def field_kind(name: str) -> str:
-    """'int', 'float', 'bool', 'str' or 'tuple': what kind of distribution a field can take."""
+    """'int', 'float', 'bool', 'str', 'tuple' or 'per_class': what kind of distribution a field can take."""
     annotation = Hyperparameters.model_fields[name].annotation
+    if PerClass in (annotation, *getattr(annotation, "__args__", ())):
+        return "per_class"
     for kind in (bool, int, float, str):
         if annotation is kind:
             return kind.__name__

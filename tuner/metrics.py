@@ -45,21 +45,39 @@ def _multiclass(probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
     }
 
 
+FOCUS_METRICS = ("recall", "precision", "f1")
+
+
+def _focus(probs: torch.Tensor, target: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
+    """One class's recall, precision and F1 under arg-max decisions: e.g. 'cancer' of normal/benign/cancer."""
+    k = probs.shape[1]
+    per_class = {"num_classes": k, "average": "none"}
+    return {
+        "focus_recall": tmf.multiclass_recall(probs, target, **per_class)[index],
+        "focus_precision": tmf.multiclass_precision(probs, target, **per_class)[index],
+        "focus_f1": tmf.multiclass_f1_score(probs, target, **per_class)[index],
+    }
+
+
 def classification_metrics(
     probs: torch.Tensor, target: torch.Tensor, *, positive_index: int | None = None, threshold: float = 0.5
 ) -> dict[str, float]:
     """All of :data:`METRIC_NAMES` for ``probs`` (N×K, rows sum to 1) and integer ``target`` (N).
 
     With two classes, ``positive_index`` names the class of interest (e.g. malignant):
-    recall is its sensitivity, AUROC ranks by its probability.
+    recall is its sensitivity, AUROC ranks by its probability. With more, the macro averages are
+    joined by ``focus_recall`` / ``focus_precision`` / ``focus_f1`` of that class (e.g. cancer).
     """
     probs = probs.detach().float().cpu()
     target = target.detach().long().cpu()
     if probs.shape[1] == 2:
         pos = 1 if positive_index is None else positive_index
         values = _binary(probs[:, pos], (target == pos).long(), threshold)
+        focus = {f"focus_{m}": values[m] for m in FOCUS_METRICS}
     else:
         values = _multiclass(probs, target)
+        focus = _focus(probs, target, positive_index) if positive_index is not None else {}
+    values.update(focus)
     out = {}
     for name, value in values.items():
         value = float(value)

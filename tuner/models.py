@@ -1,8 +1,10 @@
-"""Model factory: any timm model name, plus small built-in networks.
+"""Model factory: any timm or torchvision classification model, plus small built-in networks.
 
 Every model is a backbone that returns pooled features followed by a head of
 optional hidden layers and dropouts, so the head is the same whatever the
 backbone: ``build_model("resnet18", num_outputs=2, in_chans=1, hidden_sizes=(512, 128), dropout=0.3)``.
+A name is looked up among the built-ins, then timm, then torchvision (``alexnet``);
+``torchvision/resnet18`` asks for torchvision's model where both have the name.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
+import torchvision
 from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
@@ -20,15 +23,16 @@ from tuner.errors import TunerError
 
 
 class SmallCNN(nn.Module):
-    """``depth`` blocks of conv-BN-ReLU-maxpool, channels doubling from ``width``, global average pool."""
+    """``depth`` blocks of conv-[BN-]ReLU-maxpool, channels doubling from ``width``, global average pool."""
 
-    def __init__(self, in_chans: int, *, width: int = 32, depth: int = 3) -> None:
+    def __init__(self, in_chans: int, *, width: int = 32, depth: int = 3, batch_norm: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
         for i in range(depth):
             out = width * 2**i
-            layers += [nn.Conv2d(channels, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+            layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm))
+            layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
             layers.append(nn.MaxPool2d(2) if i < depth - 1 else nn.AdaptiveAvgPool2d(1))
             channels = out
         self.features = nn.Sequential(*layers, nn.Flatten())
@@ -49,28 +53,40 @@ class PixelMLP(nn.Module):
         return x.flatten(1)
 
 
-def _small_cnn(in_chans: int, image_size: int, width: int, depth: int) -> nn.Module:
-    return SmallCNN(in_chans, width=width, depth=depth)
+def _small_cnn(in_chans: int, image_size: int, *, width: int, depth: int, batch_norm: bool) -> nn.Module:
+    return SmallCNN(in_chans, width=width, depth=depth, batch_norm=batch_norm)
 
 
-def _mlp(in_chans: int, image_size: int, width: int, depth: int) -> nn.Module:
+def _mlp(in_chans: int, image_size: int, **_: object) -> nn.Module:
     return PixelMLP(in_chans, image_size)
 
 
-BUILTIN_MODELS: dict[str, Callable[[int, int, int, int], nn.Module]] = {
+BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": _small_cnn,
     "mlp": _mlp,
 }
+TORCHVISION_PREFIX = "torchvision/"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def torchvision_name(name: str) -> str | None:
+    """The torchvision classification model ``name`` stands for, if timm does not have it first."""
+    if name.startswith(TORCHVISION_PREFIX):
+        name = name[len(TORCHVISION_PREFIX) :]
+    elif name in BUILTIN_MODELS or timm.is_model(name):
+        return None
+    return name if name in torchvision.models.list_models(module=torchvision.models) else None
 
 
 def check_model_name(name: str) -> None:
-    """Raise a clear error unless ``name`` is a built-in or a timm model."""
-    if name in BUILTIN_MODELS or timm.is_model(name):
+    """Raise a clear error unless ``name`` is a built-in, a timm or a torchvision model."""
+    if name in BUILTIN_MODELS or timm.is_model(name) or torchvision_name(name):
         return
     close = timm.list_models(f"*{name[:4]}*")[:8] if len(name) >= 4 else []
     hint = f"; similar timm names: {', '.join(close)}" if close else ""
     raise TunerError(
-        f"model must be a built-in ({', '.join(BUILTIN_MODELS)}) or a timm model name, but got model={name!r}{hint}"
+        f"model must be a built-in ({', '.join(BUILTIN_MODELS)}), a timm or a torchvision model name, "
+        f"but got model={name!r}{hint}"
     )
 
 
@@ -97,6 +113,16 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     if name in BUILTIN_MODELS:
         raise TunerError(
             f"the built-in model {name!r} has no pretrained weights; use a timm model or pretrained: false"
+        )
+    tv_name = torchvision_name(name)
+    if tv_name is not None:
+        url = torchvision.models.get_model_weights(tv_name).DEFAULT.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if cached.is_file():
+            return cached
+        raise TunerError(
+            f"pretrained weights for {name!r} are not on this machine and tuner downloads nothing: fetch {url} "
+            f"into {cached.parent}/, or save it anywhere and set pretrained: /path/to/{Path(url).name}"
         )
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
@@ -175,6 +201,56 @@ def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: floa
         return timm.create_model(name, **kwargs)
 
 
+class TorchvisionBackbone(nn.Module):
+    """A torchvision classifier with its last linear layer removed; grey images are repeated to 3 channels."""
+
+    def __init__(self, name: str, *, in_chans: int, weights: Path | None) -> None:
+        super().__init__()
+        if in_chans not in (1, 3):
+            raise TunerError(f"torchvision models take 1 or 3 channels, but the data has {in_chans}")
+        model = torchvision.models.get_model(name, weights=None)
+        if weights is not None:
+            model.load_state_dict(_read_state_dict(weights))
+        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise TunerError(f"torchvision model {name!r} has no final linear layer to replace with tuner's head")
+        parent, _, child = linears[-1].rpartition(".")
+        holder = model.get_submodule(parent) if parent else model
+        self.num_features = getattr(holder, child).in_features
+        setattr(holder, child, nn.Identity())
+        self.model = model
+        self.in_chans = in_chans
+        self.pretrained_cfg = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}  # torchvision's weights' normalisation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x.expand(-1, 3, -1, -1) if self.in_chans == 1 else x)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def set_transformer_dropout(backbone: nn.Module, *, pos_dropout: float, block_dropout: float, blocks: int) -> None:
+    """Dropout after the position embedding, and inside the last ``blocks`` transformer blocks (0 = all)."""
+    if pos_dropout > 0:
+        if not isinstance(getattr(backbone, "pos_drop", None), nn.Dropout):
+            raise TunerError("pos_dropout needs a vision transformer (a timm model with a position-embedding dropout)")
+        backbone.pos_drop.p = pos_dropout
+    if block_dropout > 0:
+        all_blocks = getattr(backbone, "blocks", None)
+        if not isinstance(all_blocks, nn.Sequential):
+            raise TunerError("block_dropout needs a vision transformer (a timm model with .blocks)")
+        for block in list(all_blocks)[-blocks if blocks else 0 :]:
+            for module in block.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = block_dropout
+
+
 def build_model(
     name: str,
     *,
@@ -183,20 +259,30 @@ def build_model(
     image_size: int,
     width: int = 32,
     depth: int = 3,
+    batch_norm: bool = True,
     hidden_sizes: Sequence[int] = (),
     dropout: float = 0.0,
     drop_path: float = 0.0,
+    pos_dropout: float = 0.0,
+    block_dropout: float = 0.0,
+    dropout_blocks: int = 0,
     pretrained: bool | str = False,
     freeze_backbone: bool = False,
 ) -> Classifier:
     """Build a classifier with ``num_outputs`` logits."""
     check_model_name(name)
+    tv_name = torchvision_name(name)
     if name in BUILTIN_MODELS:
         resolve_pretrained(name, pretrained)
-        backbone = BUILTIN_MODELS[name](in_chans, image_size, width, depth)
+        backbone = BUILTIN_MODELS[name](in_chans, image_size, width=width, depth=depth, batch_norm=batch_norm)
+    elif tv_name is not None:
+        backbone = TorchvisionBackbone(tv_name, in_chans=in_chans, weights=resolve_pretrained(name, pretrained))
     else:
         backbone = _timm_backbone(
             name, in_chans=in_chans, image_size=image_size, drop_path=drop_path, pretrained=pretrained
         )
-    head = build_head(backbone.num_features, num_outputs, hidden_sizes=hidden_sizes, dropout=dropout)
+    set_transformer_dropout(backbone, pos_dropout=pos_dropout, block_dropout=block_dropout, blocks=dropout_blocks)
+    # timm's VGG pools 512 channels but its pre-logits MLP returns head_hidden_size (4096) features.
+    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    head = build_head(features, num_outputs, hidden_sizes=hidden_sizes, dropout=dropout)
     return Classifier(backbone, head, freeze_backbone=freeze_backbone)

@@ -36,7 +36,7 @@ from tuner.errors import TunerError
 from tuner.losses import logits_to_probs
 from tuner.metrics import evaluation_report
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
-from tuner.space import SearchSpace, parse_space, suggest
+from tuner.space import DataSettings, SearchSpace, parse_space, suggest
 from tuner.study import STUDIES_DIR, Objective, cv_folds, prepare
 from tuner.training import DeviceData, TrainSettings, model_normalization, train_model
 
@@ -189,7 +189,48 @@ def rescore(
     return next(t for t in top if t.number == best["trial"]), rows
 
 
-def _prepare_out_dir(out_dir: Path, force: bool) -> None:
+def refit_settings(space: SearchSpace) -> TrainSettings:
+    """No validation left: no early stopping, and ``plateau`` watches the training loss."""
+    return TrainSettings(
+        max_epochs=space.train.max_epochs,
+        patience=None,
+        monitor="train_loss",
+        mode="min",
+        amp=space.train.amp,
+        channels_last=space.train.channels_last,
+        eval_batch_size=space.train.eval_batch_size,
+    )
+
+
+def save_refit_model(
+    path: Path,
+    model: torch.nn.Module,
+    study: optuna.Study,
+    trial: FrozenTrial,
+    space: SearchSpace,
+    dataset: Dataset,
+    normalize: Any,
+    threshold: float | None,
+    seed: int,
+) -> None:
+    """A model that ``tuner evaluate`` / ``predict`` rebuild alone, with where it came from."""
+    save_model(
+        path,
+        model,
+        hparams=suggest(optuna.trial.FixedTrial(trial.params), space),
+        space=space.model_dump(mode="json"),
+        class_names=dataset.class_names,
+        image_size=dataset.image_size,
+        channels=dataset.channels,
+        normalize=normalize,
+        threshold=threshold,
+        positive_index=dataset.positive_index,
+        seed=seed,
+        provenance={"study": study.study_name, "trial": trial.number, "data_fingerprint": dataset.fingerprint},
+    )
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
         raise TunerError(
             f"{out_dir} already holds an earlier output; choose another --out, move it away, or pass --force to overwrite"
@@ -208,7 +249,7 @@ def _write_predictions(
                 writer.writerow([seed, i, class_names[t], *[f"{p:.6f}" for p in row]])
 
 
-def _test_probabilities(model: torch.nn.Module, dataset: Dataset, normalize, device: torch.device) -> torch.Tensor:
+def test_probabilities(model: torch.nn.Module, dataset: Dataset, normalize, device: torch.device) -> torch.Tensor:
     assert dataset.test is not None
     split = TensorSplit.from_numpy(dataset.test.images, dataset.test.labels, device)
     batches = iterate_batches(split, torch.arange(len(split)), 512, normalize=normalize)
@@ -254,7 +295,7 @@ def refit(
         raise TunerError(f"trial {trial.number}'s parameters no longer replay to the same hyperparameters")
     warning = check_test_reuse(study, trial.number, allow_test_reuse)
     out_dir = out_dir or STUDIES_DIR / study.study_name / "refit"
-    _prepare_out_dir(out_dir, force)
+    prepare_out_dir(out_dir, force)
     if warning:
         log.warning("%s", warning)
 
@@ -267,15 +308,7 @@ def refit(
         raise TunerError(f"{dataset.description} has no test split to evaluate on")
     torch_device = resolve_device(device or space.train.device)
     data_tv = DeviceData.train_and_val(dataset, torch_device)
-    settings = TrainSettings(
-        max_epochs=space.train.max_epochs,
-        patience=None,
-        monitor="train_loss",
-        mode="min",
-        amp=space.train.amp,
-        channels_last=space.train.channels_last,
-        eval_batch_size=space.train.eval_batch_size,
-    )
+    settings = refit_settings(space)
     epochs = int(trial.user_attrs["best_epoch"])
     threshold = trial.user_attrs.get("threshold")
     positive = dataset.positive_index
@@ -291,24 +324,11 @@ def refit(
     for k, seed in enumerate(seed_list):
         model, _ = train_model(hparams, data_tv, settings, seed=seed, epochs=epochs)
         normalize = model_normalization(model, hparams.model, dataset.channels)
-        probs = _test_probabilities(model, dataset, normalize, torch_device)
+        probs = test_probabilities(model, dataset, normalize, torch_device)
         probs_per_seed.append(probs)
         per_seed.append({"seed": seed, **metric_fn(probs, target)})
         name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
-        save_model(
-            out_dir / name,
-            model,
-            hparams=hparams,
-            space=space.model_dump(mode="json"),
-            class_names=dataset.class_names,
-            image_size=dataset.image_size,
-            channels=dataset.channels,
-            normalize=normalize,
-            threshold=threshold,
-            positive_index=positive,
-            seed=seed,
-            provenance={"study": study.study_name, "trial": trial.number, "data_fingerprint": dataset.fingerprint},
-        )
+        save_refit_model(out_dir / name, model, study, trial, space, dataset, normalize, threshold, seed)
         if on_seed is not None:
             on_seed(k + 1, seeds)
 
@@ -380,6 +400,7 @@ def evaluate(
         image_size=saved.image_size,
         channels=saved.channels,
         label_aliases=saved.info["space"]["data"]["label_aliases"],
+        columns=DataSettings.model_validate(saved.info["space"]["data"]).csv_columns(),
         cache_dir=cache_dir,
     )
     unknown = [c for c in names if c not in saved.class_names]
@@ -398,7 +419,7 @@ def evaluate(
     metrics = metric_fn(probs, target)
     ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, n_resamples=n_bootstrap)
     out_dir = out_dir or model_path.parent / "evaluate"
-    _prepare_out_dir(out_dir, force)
+    prepare_out_dir(out_dir, force)
     report = {
         "model": str(model_path),
         "data": description,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuner import hparams as hp
+from tuner.data.sources import CsvColumns
 from tuner.errors import SpaceError, TunerError
 from tuner.models import check_model_name, resolve_pretrained
 
@@ -44,6 +45,10 @@ METRICS = (
     "val_specificity",
     "val_accuracy",
     "val_loss",
+    # the positive_class's own recall / precision / F1 (with more than two classes: the focus class)
+    "val_focus_recall",
+    "val_focus_precision",
+    "val_focus_f1",
 )
 
 
@@ -145,6 +150,24 @@ class SyntheticSettings(_Frozen):
     seed: int = 0
 
 
+class CsvSettings(_Frozen):
+    """Column names of a CSV manifest, and the folder its paths are relative to (default: the CSV's)."""
+
+    path_column: str = "path"
+    label_column: str = "label"
+    split_column: str = "split"
+    image_dir: str = ""
+
+
+class ExtraTrainSettings(_Frozen):
+    """Images that may join the training split only (e.g. synthetic minority images); how many of
+    them a trial uses is the hyperparameter ``extra_ratio``. With ``label``, every image under the
+    folder ``source`` has that class; without, ``source`` is read like ``data.source``."""
+
+    source: str
+    label: str | None = None
+
+
 class DataSettings(_Frozen):
     source: str = "synthetic"
     image_size: Annotated[int, Field(ge=8, le=1024)] = 64
@@ -153,14 +176,31 @@ class DataSettings(_Frozen):
     test_fraction: Annotated[float, Field(gt=0.0, lt=0.9)] = 0.2
     split_seed: int = 0
     group_column: str | None = None
+    hard_example_column: str | None = None  # CSV column whose values `drop_hard` may leave out of training
+    csv: CsvSettings = CsvSettings()
+    extra_train: ExtraTrainSettings | None = None
     label_aliases: dict[str, str] = {}
     positive_class: str | None = None
     synthetic: SyntheticSettings = SyntheticSettings()
+
+    def csv_columns(self) -> CsvColumns:
+        c = self.csv
+        return CsvColumns(
+            path=c.path_column,
+            label=c.label_column,
+            split=c.split_column,
+            group=self.group_column,
+            tag=self.hard_example_column,
+            image_dir=c.image_dir,
+        )
 
 
 class TrainSettings(_Frozen):
     max_epochs: Annotated[int, Field(ge=1, le=10_000)] = 20
     patience: Annotated[int, Field(ge=1)] | None = 5
+    # Which validation metric picks a trial's best epoch (its checkpoint) and drives early stopping;
+    # default: the study's metric. The trial's value is the study's metric at that epoch.
+    checkpoint_metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")] = "auto"
     amp: bool = True
     channels_last: bool = True
@@ -172,7 +212,9 @@ class TrainSettings(_Frozen):
 
 
 def _label(value: Any) -> bool | int | float | str:
-    """Optuna categoricals hold scalars; a list value is stored as its JSON text."""
+    """Optuna categoricals hold scalars; a list or mapping value is stored as its JSON text."""
+    if isinstance(value, Mapping):
+        return json.dumps(dict(value), sort_keys=True)
     return json.dumps(list(value)) if isinstance(value, (list, tuple)) else value
 
 
@@ -232,7 +274,25 @@ class Choice:
         return "one of " + ", ".join(repr(o.value) for o in self.options)
 
 
-ParamSpec = Union[Fixed, Range, Choice]
+@dataclass(frozen=True)
+class PerClass:
+    """A value per class name (``class_weights: {benign: 0.5, malignant: {low: 0.5, high: 0.85}}``);
+    each searched entry is its own Optuna parameter, ``class_weights.malignant``."""
+
+    name: str
+    entries: tuple[tuple[str, Fixed | Range | Choice], ...]
+
+    def suggest(self, trial: Any, out: dict[str, Any]) -> None:
+        values: dict[str, Any] = {}
+        for _, spec in self.entries:
+            spec.suggest(trial, values)
+        out[self.name] = {cls: values[spec.name] for cls, spec in self.entries}
+
+    def describe(self) -> str:
+        return "per class: " + "; ".join(f"{cls} {spec.describe()}" for cls, spec in self.entries)
+
+
+ParamSpec = Union[Fixed, Range, Choice, PerClass]
 
 
 def iter_specs(specs: tuple[ParamSpec, ...], condition: str = "") -> Iterator[tuple[ParamSpec, str]]:
@@ -313,11 +373,50 @@ def _parse_params(raw: Mapping[str, Any], path: str, problems: list[tuple[str, s
     return tuple(specs)
 
 
+def _parse_class_entry(name: str, raw: Any, path: str, problems: list[tuple[str, str]]) -> ParamSpec | None:
+    """One class's value in a per-class mapping: a number, a range or a list of choices."""
+
+    def check(value: Any, where: str) -> float | None:
+        try:
+            return hp.CLASS_VALUE.validate_python(value)
+        except ValidationError as err:
+            problems.append((where, f"{err.errors()[0]['msg']}, but got {name}={value!r}"))
+            return None
+
+    if not isinstance(raw, Mapping):
+        value = check(raw, path)
+        return None if value is None else Fixed(name, value)
+    if set(raw) == {"choices"} and isinstance(raw["choices"], list) and raw["choices"]:
+        values = [check(v, f"{path}.choices") for v in raw["choices"]]
+        return None if None in values else Choice(name, tuple(Option(v) for v in dict.fromkeys(values)))
+    if {"low", "high"} <= set(raw) <= {"low", "high", "log", "step"}:
+        low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
+        if low is not None and high is not None:
+            if low >= high:
+                problems.append((path, f"low must be below high, but got low={low!r}, high={high!r}"))
+                return None
+            return Range(name, "float", low, high, log=bool(raw.get("log", False)), step=raw.get("step"))
+        return None
+    problems.append((path, f"must be a number, {{low, high[, log]}} or {{choices: [...]}}, but got {dict(raw)!r}"))
+    return None
+
+
+def _parse_per_class(name: str, raw: Mapping[str, Any], path: str, problems: list[tuple[str, str]]) -> PerClass | None:
+    entries = []
+    for cls, value in raw.items():
+        spec = _parse_class_entry(f"{name}.{cls}", value, f"{path}.{cls}", problems)
+        if spec is not None:
+            entries.append((str(cls), spec))
+    return PerClass(name, tuple(entries)) if len(entries) == len(raw) else None
+
+
 def _parse_param(name: str, raw: Any, path: str, problems: list[tuple[str, str]]) -> ParamSpec | None:
     if not isinstance(raw, Mapping):
         value = _check_value(name, raw, path, problems)
         return None if value is None else Fixed(name, value)
     keys = set(raw)
+    if hp.field_kind(name) == "per_class" and keys != {"choices"}:
+        return _parse_per_class(name, raw, path, problems)
     if "choices" in keys:
         if keys != {"choices"}:
             problems.append((path, f"a categorical takes only 'choices', but got keys {sorted(keys)}"))
@@ -420,6 +519,19 @@ def _values(specs: tuple[ParamSpec, ...], name: str, default: Any) -> list[Any]:
     return found or [default]
 
 
+def class_names_used(specs: tuple[ParamSpec, ...]) -> dict[str, set[str]]:
+    """Per hyperparameter, the class names a space refers to (checked against the data before any trial)."""
+    used: dict[str, set[str]] = {}
+    for spec, _ in iter_specs(specs):
+        if isinstance(spec, PerClass):
+            used.setdefault(spec.name, set()).update(cls for cls, _ in spec.entries)
+        values = [spec.value] if isinstance(spec, Fixed) else [o.value for o in getattr(spec, "options", ())]
+        for value in values:
+            if isinstance(value, Mapping):
+                used.setdefault(spec.name, set()).update(value)
+    return used
+
+
 def _check_pretrained(specs: tuple[ParamSpec, ...], problems: list[tuple[str, str]]) -> None:
     """Pretrained weights must be on this machine before the first trial, not discovered in trial 7."""
     seen = set()
@@ -465,6 +577,8 @@ def _with_valid_keys(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
         "study.sampler": SamplerSettings,
         "study.threshold": ThresholdSettings,
         "data.synthetic": SyntheticSettings,
+        "data.csv": CsvSettings,
+        "data.extra_train": ExtraTrainSettings,
     }
     out = []
     for path, msg in problems:
@@ -477,8 +591,42 @@ def _with_valid_keys(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return out
 
 
-def parse_space(raw: Any, source: str = "<space>", overrides: Mapping[str, Any] | None = None) -> SearchSpace:
-    """Validate a space given as a dict; ``overrides`` maps dotted keys to values (CLI flags)."""
+def _set_key(raw: dict, dotted: str, value: Any, source: str) -> None:
+    """Set ``a.b.c`` in ``raw``; ``None`` removes the key, so its default applies."""
+    node = raw
+    *parents, last = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise SpaceError(source, [(part, "must be a mapping")])
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+
+
+def parse_assignments(assignments: Sequence[str], source: str = "--set") -> dict[str, Any]:
+    """``["params.lr=0.001", "data.extra_train={source: syn, label: malignant}"]`` -> dotted key -> YAML value."""
+    out = {}
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise SpaceError(source, [("", f"expected key=value such as params.lr=0.001, but got {text!r}")])
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SpaceError(source, [(key.strip(), f"the value is not valid YAML: {value!r} ({err})")]) from None
+    return out
+
+
+def parse_space(
+    raw: Any,
+    source: str = "<space>",
+    overrides: Mapping[str, Any] | None = None,
+    assignments: Mapping[str, Any] | None = None,
+) -> SearchSpace:
+    """Validate a space given as a dict. ``overrides`` maps dotted keys to values (CLI flags; ``None`` =
+    not given); ``assignments`` too, but there ``None`` (``--set key=null``) removes the key."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -487,15 +635,10 @@ def parse_space(raw: Any, source: str = "<space>", overrides: Mapping[str, Any] 
         )
     raw = json.loads(json.dumps(raw, default=str))  # a private, plain copy
     for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = raw
-        *parents, last = dotted.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise SpaceError(source, [(part, "must be a mapping")])
-        node[last] = value
+        if value is not None:
+            _set_key(raw, dotted, value, source)
+    for dotted, value in (assignments or {}).items():
+        _set_key(raw, dotted, value, source)
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:
@@ -511,7 +654,9 @@ def parse_space(raw: Any, source: str = "<space>", overrides: Mapping[str, Any] 
     return space
 
 
-def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> SearchSpace:
+def load_space(
+    path: str | Path, overrides: Mapping[str, Any] | None = None, assignments: Mapping[str, Any] | None = None
+) -> SearchSpace:
     """Read and validate a YAML space file."""
     path = Path(path)
     try:
@@ -525,4 +670,4 @@ def load_space(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise SpaceError(str(path), [(where, f"invalid YAML: {problem}")]) from None
-    return parse_space(raw, str(path), overrides)
+    return parse_space(raw, str(path), overrides, assignments)

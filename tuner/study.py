@@ -35,12 +35,12 @@ from tuner import __version__
 from tuner.data import Dataset, load_dataset
 from tuner.data.splits import assign_folds
 from tuner.engine import FitResult, NonFiniteLossError
-from tuner.errors import StorageError, TunerError
+from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
 from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
-from tuner.space import SamplerSettings, SearchSpace, suggest
-from tuner.training import DeviceData, TrainSettings, train_model
+from tuner.space import SamplerSettings, SearchSpace, class_names_used, iter_specs, suggest
+from tuner.training import DeviceData, TrainSettings, pooled_tags, train_model
 
 log = logging.getLogger(__name__)
 
@@ -238,11 +238,16 @@ def artifact_dir(study_name: str, storage_url: str, explicit: Path | None = None
 
 def train_settings(space: SearchSpace) -> TrainSettings:
     """The loop's settings for this space's trials (refit and re-scoring use them too)."""
+    checkpoint = space.train.checkpoint_metric
+    if checkpoint is None:
+        monitor, mode = space.study.metric, "max" if space.study.resolved_direction == "maximize" else "min"
+    else:
+        monitor, mode = checkpoint, "min" if checkpoint == "val_loss" else "max"
     return TrainSettings(
         max_epochs=space.train.max_epochs,
         patience=space.train.patience,
-        monitor=space.study.metric,
-        mode="max" if space.study.resolved_direction == "maximize" else "min",
+        monitor=monitor,
+        mode=mode,
         amp=space.train.amp,
         channels_last=space.train.channels_last,
         eval_batch_size=space.train.eval_batch_size,
@@ -253,13 +258,16 @@ def cv_folds(dataset: Dataset, k: int, seed: int, device: torch.device) -> list[
     """Train and validation pooled, then k stratified (grouped, when there are groups) folds."""
     labels = np.concatenate([dataset.train.labels, dataset.val.labels])
     images = np.concatenate([dataset.train.images, dataset.val.images])
-    groups = None
-    if dataset.train.groups is not None and dataset.val.groups is not None:
-        groups = np.concatenate([dataset.train.groups, dataset.val.groups])
+    groups = pooled_tags(dataset.train.groups, dataset.val.groups)
+    tags = pooled_tags(dataset.train.tags, dataset.val.tags)
     fold = assign_folds(labels, groups, k=k, seed=seed)
     return [
         DeviceData.build(
-            dataset, device, train=(images[fold != f], labels[fold != f]), val=(images[fold == f], labels[fold == f])
+            dataset,
+            device,
+            train=(images[fold != f], labels[fold != f]),
+            val=(images[fold == f], labels[fold == f]),
+            train_tags=None if tags is None else tags[fold != f],
         )
         for f in range(k)
     ]
@@ -338,7 +346,11 @@ class Objective:
         _, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
         self._record(trial, result, result.history, result.best_epoch)
         self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
-        return result.best_value
+        return self._value(result)
+
+    def _value(self, result: FitResult) -> float:
+        """The study's metric at the checkpoint epoch (which the checkpoint metric may have chosen)."""
+        return result.history[self.metric][result.best_epoch - 1]
 
     def _cross_validate(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict) -> float:
         values, epochs, probs, targets = [], [], [], []
@@ -346,15 +358,16 @@ class Objective:
         for fold, data in enumerate(self.folds):
             _, result = train_model(hparams, data, self.settings, seed=seed, on_epoch=None)
             first = first or result
-            values.append(result.best_value)
+            value = self._value(result)
+            values.append(value)
             epochs.append(result.best_epoch)
             probs.append(result.best_val_probs)
             targets.append(result.val_targets)
-            history.setdefault(f"fold_{self.metric}", []).append(result.best_value)
+            history.setdefault(f"fold_{self.metric}", []).append(value)
             trial.set_user_attr("fold_values", values)
-            trial.report(result.best_value, fold)
+            trial.report(value, fold)
             if fold < len(self.folds) - 1 and trial.should_prune():  # after the last fold there is nothing to save
-                self._prune(trial, history, f"pruned after fold {fold + 1} of {len(self.folds)}", result.best_value)
+                self._prune(trial, history, f"pruned after fold {fold + 1} of {len(self.folds)}", value)
         assert first is not None
         history.update(first.history)  # the first fold's curves stand for the trial's
         self._record(trial, first, history, int(np.median(epochs)))
@@ -421,22 +434,69 @@ class Objective:
 
 
 def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) -> Dataset:
-    """Load the train and validation splits; the test split only with ``include_test`` (refit)."""
+    """Load the train and validation splits; the test split only with ``include_test`` (refit).
+
+    Also checks what the space says about the data (class names, a hard-example column) against
+    the data itself, so a typo fails here, before any trial, and not in every trial.
+    """
     d = space.data
-    return load_dataset(
+    dataset = load_dataset(
         d.source,
         image_size=d.image_size,
         channels=d.channels,
         val_fraction=d.val_fraction,
         test_fraction=d.test_fraction,
         split_seed=d.split_seed,
-        group_column=d.group_column,
+        columns=d.csv_columns(),
         label_aliases=d.label_aliases,
         positive_class=d.positive_class,
         synthetic_options=d.synthetic.model_dump(),
+        extra_train=None if d.extra_train is None else (d.extra_train.source, d.extra_train.label),
         cache_dir=cache_dir,
         include_test=include_test,
     )
+    check_space_against_data(space, dataset)
+    return dataset
+
+
+def check_space_against_data(space: SearchSpace, dataset: Dataset) -> None:
+    """Class names in per-class hyperparameters, and drop_hard / extra_ratio, need the data to match."""
+    for name, used in class_names_used(space.specs).items():
+        unknown = sorted(used - set(dataset.class_names))
+        if unknown:
+            raise SpaceError(
+                "search space",
+                [
+                    (
+                        f"params.{name}",
+                        f"unknown class(es) {', '.join(unknown)}; the data's classes are "
+                        f"{', '.join(dataset.class_names)}",
+                    )
+                ],
+            )
+    for key, metric in (
+        ("study.metric", space.study.metric),
+        ("train.checkpoint_metric", space.train.checkpoint_metric),
+    ):
+        if metric and metric.startswith("val_focus_") and dataset.positive_index is None:
+            raise SpaceError(
+                "search space",
+                [
+                    (
+                        key,
+                        f"{metric} needs data.positive_class, the class to focus on ({', '.join(dataset.class_names)})",
+                    )
+                ],
+            )
+    names = {spec.name for spec, _ in iter_specs(space.specs)}
+    if "drop_hard" in names and space.data.hard_example_column is None:
+        raise SpaceError(
+            "search space", [("params.drop_hard", "needs data.hard_example_column (a CSV column) to be set")]
+        )
+    if "extra_ratio" in names and space.data.extra_train is None:
+        raise SpaceError(
+            "search space", [("params.extra_ratio", "needs data.extra_train (a folder of extra images) to be set")]
+        )
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import torch
 
 from tuner.data.augment import BatchAugment
 from tuner.data.dataset import Dataset
-from tuner.data.imbalance import balanced_class_weights, epoch_indices, target_counts
+from tuner.data.imbalance import SYNTHESIZING, balanced_class_weights, epoch_indices, synthesize, target_counts
 from tuner.data.loader import Normalize, TensorSplit, iterate_batches
 from tuner.engine import FitResult, fit
+from tuner.errors import TunerError
 from tuner.hparams import Hyperparameters
 from tuner.losses import build_loss, logits_to_probs, num_outputs
 from tuner.metrics import classification_metrics
@@ -46,6 +47,10 @@ class DeviceData:
     positive_index: int | None
     channels: int
     image_size: int
+    class_names: tuple[str, ...] = ()
+    train_tags: np.ndarray | None = None  # hard-example column values of the training items
+    extra: TensorSplit | None = None  # training-only extra images (data.extra_train)
+    extra_labels: np.ndarray | None = None
 
     @classmethod
     def build(
@@ -55,8 +60,10 @@ class DeviceData:
         *,
         train: tuple[np.ndarray, np.ndarray],
         val: tuple[np.ndarray, np.ndarray] | None,
+        train_tags: np.ndarray | None = None,
     ) -> DeviceData:
         """Move ``(images, labels)`` for training (and validation, if any) to ``device``."""
+        extra = dataset.extra
         return cls(
             train=TensorSplit.from_numpy(*train, device),
             val=None if val is None else TensorSplit.from_numpy(*val, device),
@@ -65,6 +72,10 @@ class DeviceData:
             positive_index=dataset.positive_index,
             channels=dataset.channels,
             image_size=dataset.image_size,
+            class_names=dataset.class_names,
+            train_tags=train_tags,
+            extra=None if extra is None else TensorSplit.from_numpy(extra.images, extra.labels, device),
+            extra_labels=None if extra is None else extra.labels,
         )
 
     @classmethod
@@ -74,6 +85,7 @@ class DeviceData:
             device,
             train=(dataset.train.images, dataset.train.labels),
             val=(dataset.val.images, dataset.val.labels),
+            train_tags=dataset.train.tags,
         )
 
     @classmethod
@@ -81,7 +93,73 @@ class DeviceData:
         """Train and validation together as the training split (refit), no validation."""
         images = np.concatenate([dataset.train.images, dataset.val.images])
         labels = np.concatenate([dataset.train.labels, dataset.val.labels])
-        return cls.build(dataset, device, train=(images, labels), val=None)
+        tags = pooled_tags(dataset.train.tags, dataset.val.tags)
+        return cls.build(dataset, device, train=(images, labels), val=None, train_tags=tags)
+
+    def class_index(self, name: str, hparam: str) -> int:
+        if name not in self.class_names:
+            raise TunerError(f"{hparam} names class {name!r}, but the classes are {', '.join(self.class_names)}")
+        return self.class_names.index(name)
+
+
+def pooled_tags(*tags: np.ndarray | None) -> np.ndarray | None:
+    return None if any(t is None for t in tags) else np.concatenate(tags)
+
+
+def _take(split: TensorSplit, indices: np.ndarray) -> TensorSplit:
+    idx = torch.from_numpy(indices).to(split.images.device)
+    return TensorSplit(torch.index_select(split.images, 0, idx), torch.index_select(split.labels, 0, idx))
+
+
+def _extra_indices(extra_labels: np.ndarray, train_labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Per class, ``ratio`` extra images per real training image (as many as there are), drawn at random."""
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for cls in np.unique(extra_labels):
+        members = np.flatnonzero(extra_labels == cls)
+        n = min(len(members), round(ratio * int((train_labels == cls).sum())))
+        chosen.append(np.sort(rng.choice(members, size=n, replace=False)))
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def training_pool(hparams: Hyperparameters, data: DeviceData, seed: int) -> tuple[TensorSplit, np.ndarray]:
+    """What one trial trains on: the training split less the hard examples it drops, plus its share of
+    the extra images and any SMOTE / ADASYN images. Validation is never touched."""
+    split, labels = data.train, data.train_labels
+    if hparams.drop_hard:
+        if data.train_tags is None:
+            raise TunerError("drop_hard needs data.hard_example_column, a column of the CSV manifest")
+        keep = np.flatnonzero(~np.isin(data.train_tags.astype(str), list(hparams.drop_hard)))
+        if len(np.unique(labels[keep])) < 2:
+            raise TunerError(f"drop_hard={list(hparams.drop_hard)} leaves fewer than two classes to train on")
+        split, labels = _take(split, keep), labels[keep]
+    if hparams.extra_ratio > 0:
+        if data.extra is None or data.extra_labels is None:
+            raise TunerError("extra_ratio needs data.extra_train, a folder of extra training images")
+        chosen = _extra_indices(data.extra_labels, labels, hparams.extra_ratio, seed)
+        extra = _take(data.extra, chosen)
+        split = TensorSplit(torch.cat([split.images, extra.images]), torch.cat([split.labels, extra.labels]))
+        labels = np.concatenate([labels, data.extra_labels[chosen]])
+    if hparams.imbalance in SYNTHESIZING:
+        images, new_labels = synthesize(
+            split.images.cpu().numpy(), labels, hparams.imbalance, ratio=hparams.ratio, seed=seed
+        )
+        new = TensorSplit.from_numpy(images, new_labels, split.images.device)
+        split = TensorSplit(torch.cat([split.images, new.images]), torch.cat([split.labels, new.labels]))
+        labels = np.concatenate([labels, new_labels])
+    return split, labels
+
+
+def loss_class_weights(hparams: Hyperparameters, data: DeviceData, labels: np.ndarray) -> np.ndarray | None:
+    """Explicit per-class weights (1 where unnamed), scikit-learn's balanced ones, or none."""
+    if isinstance(hparams.class_weights, dict):
+        weights = np.ones(data.num_classes)
+        for name, value in hparams.class_weights.items():
+            weights[data.class_index(name, "class_weights")] = value
+        return weights
+    if hparams.class_weights == "balanced" or hparams.imbalance == "class_weight":
+        return balanced_class_weights(labels, data.num_classes)
+    return None
 
 
 @dataclass(frozen=True)
@@ -114,9 +192,13 @@ def build_classifier(hparams: Hyperparameters, *, num_classes: int, channels: in
         image_size=image_size,
         width=hparams.width,
         depth=hparams.depth,
+        batch_norm=hparams.batch_norm,
         hidden_sizes=hparams.hidden_sizes,
         dropout=hparams.dropout,
         drop_path=hparams.drop_path,
+        pos_dropout=hparams.pos_dropout,
+        block_dropout=hparams.block_dropout,
+        dropout_blocks=hparams.dropout_blocks,
         pretrained=hparams.pretrained,
         freeze_backbone=hparams.freeze_backbone,
     )
@@ -143,11 +225,10 @@ def train_model(
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     normalize = model_normalization(model, hparams.model, data.channels)
 
-    weights = None
-    if hparams.imbalance == "class_weight":
-        weights = torch.tensor(
-            balanced_class_weights(data.train_labels, data.num_classes), dtype=torch.float32, device=device
-        )
+    pool, pool_labels = training_pool(hparams, data, seed)
+    weights = loss_class_weights(hparams, data, pool_labels)
+    if weights is not None:
+        weights = torch.tensor(weights, dtype=torch.float32, device=device)
     loss_fn = build_loss(
         hparams.loss,
         num_classes=data.num_classes,
@@ -165,7 +246,10 @@ def train_model(
         weight_decay=hparams.weight_decay,
         momentum=hparams.momentum,
     )
-    epoch_size = sum(target_counts(data.train_labels, hparams.imbalance, hparams.ratio).values())
+    # SMOTE / ADASYN images are already in the pool; each epoch then takes the pool as it is.
+    strategy = "none" if hparams.imbalance in SYNTHESIZING else hparams.imbalance
+    multipliers = {data.class_index(name, "class_multipliers"): m for name, m in hparams.class_multipliers.items()}
+    epoch_size = sum(target_counts(pool_labels, strategy, hparams.ratio, multipliers).values())
     steps_per_epoch = math.ceil(math.ceil(epoch_size / hparams.batch_size) / hparams.accumulate_steps)
     schedule = build_scheduler(
         hparams.scheduler,
@@ -183,10 +267,12 @@ def train_model(
     generator = torch.Generator().manual_seed(seed)
 
     def train_batches(epoch: int):  # noqa: ANN202
-        indices = epoch_indices(data.train_labels, hparams.imbalance, ratio=hparams.ratio, seed=seed * 1009 + epoch)
+        indices = epoch_indices(
+            pool_labels, strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=multipliers
+        )
         order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
         return iterate_batches(
-            data.train,
+            pool,
             order,
             hparams.batch_size,
             normalize=normalize,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tuner.data.cache import cache_key, cached_array
-from tuner.data.sources import Block, open_source
+from tuner.data.sources import Block, CsvColumns, labelled_folder_source, open_source
 from tuner.data.splits import assign_splits
 from tuner.errors import DataError
 
@@ -26,6 +26,7 @@ class Split:
     images: np.ndarray  # uint8 N×C×H×W
     labels: np.ndarray  # int64 class indices
     groups: np.ndarray | None = None
+    tags: np.ndarray | None = None  # the manifest's hard-example column, as strings
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -46,6 +47,7 @@ class Dataset:
     description: str
     fingerprint: str
     cache_hits: dict[str, bool] = field(default_factory=dict)
+    extra: Split | None = None  # extra training-only images (data.extra_train), never validated or tested on
 
     @property
     def num_classes(self) -> int:
@@ -79,37 +81,48 @@ def load_dataset(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     split_seed: int = 0,
-    group_column: str | None = None,
+    columns: CsvColumns = CsvColumns(),
     label_aliases: dict[str, str] | None = None,
     positive_class: str | None = None,
     synthetic_options: dict | None = None,
+    extra_train: tuple[str, str | None] | None = None,
     cache_dir: Path = Path("studies/cache"),
     include_test: bool = False,
 ) -> Dataset:
-    """Load, decode once, split. The test split is only read with ``include_test=True``."""
-    src = open_source(source, group_column=group_column, synthetic_options=synthetic_options)
+    """Load, decode once, split. The test split is only read with ``include_test=True``.
+
+    ``extra_train`` is ``(source, label)``: images that may join training only (e.g. synthetic
+    minority images); with a label, every image under that folder has that class.
+    """
+    src = open_source(source, columns=columns, synthetic_options=synthetic_options)
     blocks = {b.name: b for b in src.blocks(include_test)}
     channels = channels or next(iter(blocks.values())).natural_channels
     aliases = label_aliases or {}
     hits: dict[str, bool] = {}
-    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = {}
+    parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
     for name, block in blocks.items():
         images, hits[name] = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
         labels = np.array([aliases.get(v, v) for v in block.labels], dtype=object)
         groups = np.array(block.groups, dtype=object) if block.groups is not None else None
-        parts[name] = (images, labels, groups)
+        tags = np.array(block.tags, dtype=object) if block.tags is not None else None
+        parts[name] = (images, labels, groups, tags)
 
     # Sources without their own splits get seeded, stratified (grouped) ones; a source with
     # train but no val gets its val carved out of train the same way.
     if "all" in parts or "val" not in parts:
         whole = "all" if "all" in parts else "train"
-        images, labels, groups = parts.pop(whole)
+        images, labels, groups, tags = parts.pop(whole)
         test_share = test_fraction if whole == "all" else None
         split = assign_splits(labels, groups, val_fraction=val_fraction, test_fraction=test_share, seed=split_seed)
         for name in ("train", "val", "test"):
             mask = split == name
             if mask.any() and (name != "test" or include_test):
-                parts[name] = (np.asarray(images[mask]), labels[mask], None if groups is None else groups[mask])
+                parts[name] = (
+                    np.asarray(images[mask]),
+                    labels[mask],
+                    None if groups is None else groups[mask],
+                    None if tags is None else tags[mask],
+                )
 
     class_names = tuple(sorted(set(parts["train"][1]) | set(parts["val"][1]), key=_natural_key))
     if len(class_names) < 2:
@@ -118,13 +131,16 @@ def load_dataset(
         )
     index = {name: i for i, name in enumerate(class_names)}
     splits: dict[str, Split] = {}
-    for name, (images, labels, groups) in parts.items():
+    for name, (images, labels, groups, tags) in parts.items():
         unknown = sorted(set(labels) - set(index))
         if unknown:
             raise DataError(
                 f"the {name} split of {src.description} has classes not seen in training: {', '.join(unknown)}"
             )
-        splits[name] = Split(np.asarray(images), np.array([index[v] for v in labels], dtype=np.int64), groups)
+        splits[name] = Split(np.asarray(images), np.array([index[v] for v in labels], dtype=np.int64), groups, tags)
+    extra = None
+    if extra_train is not None:
+        extra, hits["extra_train"] = _extra_split(*extra_train, index, image_size, channels, aliases, cache_dir)
 
     positive_index = None
     if positive_class is not None:
@@ -147,7 +163,40 @@ def load_dataset(
         description=src.description,
         fingerprint=src.fingerprint,
         cache_hits=hits,
+        extra=extra,
     )
+
+
+def _extra_split(
+    source: str,
+    label: str | None,
+    index: dict[str, int],
+    image_size: int,
+    channels: int,
+    aliases: dict[str, str],
+    cache_dir: Path,
+) -> tuple[Split, bool]:
+    """All images of an extra training source, labelled with the main data's class indices."""
+    path = Path(source).expanduser()
+    if label is not None:
+        if not path.is_dir():
+            raise DataError(f"data.extra_train.source {source} must be an image folder when a label is given")
+        src = labelled_folder_source(path, label)
+    else:
+        src = open_source(source)
+    images, labels, hit = [], [], True
+    for block in src.blocks(True):
+        decoded, block_hit = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
+        images.append(np.asarray(decoded))
+        labels += [aliases.get(v, v) for v in block.labels]
+        hit = hit and block_hit
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(
+            f"the extra training images in {source} have classes the data set does not: {', '.join(unknown)}; "
+            f"its classes are {', '.join(index)}"
+        )
+    return Split(np.concatenate(images), np.array([index[v] for v in labels], dtype=np.int64)), hit
 
 
 def load_labelled_images(
@@ -156,7 +205,7 @@ def load_labelled_images(
     image_size: int,
     channels: int,
     label_aliases: dict[str, str] | None = None,
-    group_column: str | None = None,
+    columns: CsvColumns = CsvColumns(),
     cache_dir: Path = Path("studies/cache"),
 ) -> tuple[Split, list[str], str, str]:
     """For evaluating a saved model: the source's own test split if it defines one, else all its images.
@@ -164,7 +213,7 @@ def load_labelled_images(
     Returns the split (labels index into the returned, sorted label names), those names,
     the source's description and which part was used ("test" or "all").
     """
-    src = open_source(source, group_column=group_column)
+    src = open_source(source, columns=columns)
     blocks = {b.name: b for b in src.blocks(True)}
     chosen = [blocks["test"]] if "test" in blocks else list(blocks.values())
     aliases = label_aliases or {}

@@ -6,8 +6,10 @@ a CSV ``split`` column), or one ``all`` block that ``tuner`` splits itself.
 Blocks decode lazily, so a block that is not asked for (the test block during
 ``optimize``) is neither decoded nor are its labels read.
 
-Supported: an image folder, a CSV manifest (``path,label[,group][,split]``),
-a MedMNIST-style ``.npz`` and the built-in ``synthetic`` set.
+Supported: an image folder, a CSV manifest (``path,label[,group][,split]`` by
+default; other column names via :class:`CsvColumns`), a MedMNIST-style ``.npz``
+and the built-in ``synthetic`` set. A manifest may also carry a per-item tag
+(e.g. annotator agreement) by which hard training examples can be left out.
 """
 
 from __future__ import annotations
@@ -48,6 +50,19 @@ class Block:
     groups: tuple[str, ...] | None
     decode: Decoder
     natural_channels: int
+    tags: tuple[str, ...] | None = None  # the manifest's hard-example column, when one is named
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Which manifest columns hold what; ``image_dir`` is where paths are relative to (default: the CSV's folder)."""
+
+    path: str = "path"
+    label: str = "label"
+    split: str = "split"
+    group: str | None = None
+    tag: str | None = None
+    image_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -134,13 +149,20 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
-def _file_block(name: str, paths: list[Path], labels: list[str], groups: list[str] | None = None) -> Block:
+def _file_block(
+    name: str,
+    paths: list[Path],
+    labels: list[str],
+    groups: list[str] | None = None,
+    tags: list[str] | None = None,
+) -> Block:
     return Block(
         name=name,
         labels=tuple(labels),
         groups=tuple(groups) if groups is not None else None,
         decode=lambda size, channels: decode_files(paths, size, channels),
         natural_channels=_file_channels(paths[0]),
+        tags=tuple(tags) if tags is not None else None,
     )
 
 
@@ -182,46 +204,70 @@ def folder_source(root: Path) -> Source:
     return Source("folder", f"image folder {root}", _files_fingerprint(all_files), blocks)
 
 
-def csv_source(path: Path, group_column: str | None) -> Source:
-    """A manifest with columns ``path,label`` and optionally a group column and ``split``."""
+_SPLIT = "\0split"  # the normalised split of a manifest row, under a key no CSV header can have
+
+
+def csv_source(path: Path, columns: CsvColumns = CsvColumns()) -> Source:
+    """A manifest with a path and a label column, and optionally group, split and tag columns."""
     try:
         with path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"cannot read CSV manifest {path}: {err}") from None
-    columns = list(rows[0]) if rows else []
-    group_column = group_column or ("group" if "group" in columns else None)
-    required = ["path", "label"] + ([group_column] if group_column else [])
-    missing = [c for c in required if c not in columns]
+    found = list(rows[0]) if rows else []
+    group = columns.group or ("group" if "group" in found else None)
+    required = [columns.path, columns.label] + [c for c in (group, columns.tag) if c]
+    missing = [c for c in required if c not in found]
     if missing or not rows:
         raise DataError(
-            f"CSV manifest {path} must have columns {', '.join(required)}[, split], "
-            f"but {'it is empty' if not rows else 'is missing ' + ', '.join(missing) + '; found ' + ', '.join(columns)}"
+            f"CSV manifest {path} must have columns {', '.join(required)}[, {columns.split}], "
+            f"but {'it is empty' if not rows else 'is missing ' + ', '.join(missing) + '; found ' + ', '.join(found)}"
         )
-    base = path.parent
-    has_split = "split" in columns
+    base = path.parent / columns.image_dir
+    has_split = columns.split in found
     for i, row in enumerate(rows, start=2):
-        if has_split and row["split"] not in SPLITS:
+        row[_SPLIT] = row[columns.split].strip().lower() if has_split else "all"
+        if has_split and row[_SPLIT] not in SPLITS:
             raise DataError(
-                f"{path}, line {i}: split must be one of {', '.join(SPLITS)}, but got split={row['split']!r}"
+                f"{path}, line {i}: {columns.split} must be one of {', '.join(SPLITS)}, "
+                f"but got {columns.split}={row[columns.split]!r}"
             )
-        file = base / row["path"]
+        file = base / row[columns.path]
         if not file.is_file():
             raise DataError(f"{path}, line {i}: image {file} does not exist")
 
     def blocks(include_test: bool) -> list[Block]:
-        names = [s for s in SPLITS if any(r["split"] == s for r in rows)] if has_split else ["all"]
+        names = [s for s in SPLITS if any(r[_SPLIT] == s for r in rows)] if has_split else ["all"]
         out = []
         for name in names:
             if name == "test" and not include_test:
                 continue
-            chosen = [r for r in rows if not has_split or r["split"] == name]
-            groups = [r[group_column] for r in chosen] if group_column else None
-            out.append(_file_block(name, [base / r["path"] for r in chosen], [r["label"] for r in chosen], groups))
+            chosen = [r for r in rows if r[_SPLIT] == name]
+            out.append(
+                _file_block(
+                    name,
+                    [base / r[columns.path] for r in chosen],
+                    [r[columns.label] for r in chosen],
+                    [r[group] for r in chosen] if group else None,
+                    [r[columns.tag] for r in chosen] if columns.tag else None,
+                )
+            )
         return out
 
-    fingerprint = _files_fingerprint([base / r["path"] for r in rows], extra=path.read_bytes())
+    fingerprint = _files_fingerprint([base / r[columns.path] for r in rows], extra=path.read_bytes())
     return Source("csv", f"CSV manifest {path}", fingerprint, blocks)
+
+
+def labelled_folder_source(root: Path, label: str) -> Source:
+    """Every image under ``root`` (any depth), all of class ``label``: e.g. a folder of synthetic lesions."""
+    files = _list_images(root)
+    if not files:
+        raise DataError(f"image folder {root} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+
+    def blocks(include_test: bool) -> list[Block]:
+        return [_file_block("all", files, [label] * len(files))]
+
+    return Source("folder", f"image folder {root} (all {label})", _files_fingerprint(files, label.encode()), blocks)
 
 
 def npz_source(path: Path) -> Source:
@@ -293,14 +339,13 @@ def synthetic_source(*, n_images: int = 2000, minority_fraction: float = 0.09, s
 def open_source(
     source: str,
     *,
-    group_column: str | None = None,
+    columns: CsvColumns = CsvColumns(),
     synthetic_options: dict | None = None,
 ) -> Source:
     """Pick the source by what ``source`` names: ``synthetic``, a ``.npz``, a ``.csv`` or a folder."""
-    if group_column and not source.lower().endswith(".csv"):
-        raise DataError(
-            f"group_column={group_column!r} needs a CSV manifest with that column, but the source is {source}"
-        )
+    for key, column in (("group_column", columns.group), ("hard_example_column", columns.tag)):
+        if column and not source.lower().endswith(".csv"):
+            raise DataError(f"{key}={column!r} needs a CSV manifest with that column, but the source is {source}")
     if source == "synthetic":
         return synthetic_source(**(synthetic_options or {}))
     path = Path(source).expanduser()
@@ -313,5 +358,5 @@ def open_source(
     if path.suffix.lower() == ".npz":
         return npz_source(path)
     if path.suffix.lower() == ".csv":
-        return csv_source(path, group_column)
+        return csv_source(path, columns)
     raise DataError(f"data source {source} must be an image folder, a .csv manifest or a .npz file")

@@ -1,0 +1,302 @@
+"""Ensembles: average the probabilities of the top trials of one or more studies.
+
+Each member is a completed trial. Its validation probabilities come from replaying the
+trial (same hyperparameters, same seed, trained on the training split); the ensemble's
+decision threshold is chosen on the average of those, by the first study's rule, so the
+test set never chooses anything. Then each member is refit on train+validation exactly
+as ``tuner refit`` does, and the test split is read once: every member with its own
+frozen threshold, and the ensemble, side by side. Members may differ in architecture and
+image size; they must share the data and its split.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.data import Dataset
+from tuner.engine import resolve_device
+from tuner.errors import TunerError
+from tuner.metrics import choose_threshold, evaluation_report
+from tuner.refit import (
+    bootstrap_ci,
+    check_test_reuse,
+    prepare_out_dir,
+    record_test_read,
+    refit_settings,
+    save_refit_model,
+    study_space,
+    summarize,
+    test_probabilities,
+    test_reads,
+)
+from tuner.report import plot_confusion, plot_roc_pr, write_report
+from tuner.space import SearchSpace, suggest
+from tuner.study import STUDIES_DIR, prepare, train_settings
+from tuner.training import DeviceData, model_normalization, train_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    study: optuna.Study
+    trial: FrozenTrial
+    space: SearchSpace
+
+    @property
+    def name(self) -> str:
+        return f"{self.study.study_name}#{self.trial.number}"
+
+
+def pick_members(studies: list[optuna.Study], top_k: int, per_model: bool) -> list[Member]:
+    """The ``top_k`` best completed trials of each study; with ``per_model`` only each model's best."""
+    if top_k < 1:
+        raise TunerError(f"--top-k must be at least 1, but got {top_k}")
+    members = []
+    for study in studies:
+        space = study_space(study)
+        maximize = study.direction.name == "MAXIMIZE"
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        ranked = sorted(done, key=lambda t: -t.value if maximize else t.value)
+        if per_model:
+            best_per_model: dict[str, FrozenTrial] = {}
+            for t in ranked:
+                best_per_model.setdefault(t.user_attrs["hparams"]["model"], t)
+            ranked = list(best_per_model.values())
+        members += [Member(study, t, space) for t in ranked[:top_k]]
+    if len(members) < 2:
+        raise TunerError(
+            f"an ensemble needs at least two members, but the studies give {len(members)} completed trial(s); "
+            "raise --top-k or add a study"
+        )
+    return members
+
+
+def _split_identity(space: SearchSpace, study: optuna.Study) -> tuple:
+    d = space.data
+    return (
+        study.user_attrs["data"]["fingerprint"],
+        d.val_fraction,
+        d.test_fraction,
+        d.split_seed,
+        d.group_column,
+        tuple(study.user_attrs["data"]["class_names"]),
+        d.positive_class,
+    )
+
+
+def check_same_split(members: list[Member]) -> None:
+    """Averaging probabilities needs the same test items, in the same order, with the same classes."""
+    first = members[0]
+    reference = _split_identity(first.space, first.study)
+    for m in members[1:]:
+        if _split_identity(m.space, m.study) != reference:
+            raise TunerError(
+                f"study {m.study.study_name!r} was not run on the same data, split and classes as "
+                f"{first.study.study_name!r}, so their probabilities cannot be averaged"
+            )
+
+
+def _metric_fn(dataset: Dataset, threshold: float | None) -> Callable:
+    return partial(
+        evaluation_report,
+        class_names=dataset.class_names,
+        positive_index=dataset.positive_index,
+        threshold=threshold if threshold is not None else 0.5,
+    )
+
+
+def ensemble(
+    studies: list[optuna.Study],
+    *,
+    top_k: int = 3,
+    per_model: bool = False,
+    out_dir: Path | None = None,
+    cache_dir: Path = STUDIES_DIR / "cache",
+    device: str | None = None,
+    allow_test_reuse: bool = False,
+    force: bool = False,
+    n_bootstrap: int = 1000,
+    on_member: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    members = pick_members(studies, top_k, per_model)
+    check_same_split(members)
+    warnings = [w for m in members if (w := check_test_reuse(m.study, m.trial.number, allow_test_reuse))]
+    out_dir = out_dir or STUDIES_DIR / studies[0].study_name / "ensemble"
+    prepare_out_dir(out_dir, force)
+    for warning in dict.fromkeys(warnings):
+        log.warning("%s", warning)
+
+    torch_device = resolve_device(device or members[0].space.train.device)
+    datasets: dict[str, Dataset] = {}
+    val_probs, test_probs, replayed_values = [], [], []
+    val_target = test_target = None
+    dataset = None
+    for i, m in enumerate(members):
+        data_key = m.space.data.model_dump_json()  # members with the same data settings share one load
+        if data_key not in datasets:
+            datasets[data_key] = prepare(m.space, cache_dir=cache_dir, include_test=True)
+        dataset = datasets[data_key]
+        if dataset.fingerprint != m.study.user_attrs["data"]["fingerprint"]:
+            raise TunerError(f"{dataset.description} is not the data study {m.study.study_name!r} was run on")
+        if dataset.test is None:
+            raise TunerError(f"{dataset.description} has no test split to evaluate on")
+        hparams = suggest(optuna.trial.FixedTrial(m.trial.params), m.space)
+        seed = int(m.trial.user_attrs["seed"])
+        # 1. validation probabilities: the trial replayed on the training split
+        _, result = train_model(
+            hparams, DeviceData.from_dataset(dataset, torch_device), train_settings(m.space), seed=seed
+        )
+        replayed = result.history[m.space.study.metric][result.best_epoch - 1]
+        replayed_values.append(replayed)
+        if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
+            log.warning(
+                "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)",
+                m.name,
+                replayed,
+                m.trial.value,
+            )
+        val_probs.append(result.best_val_probs.cpu())
+        val_target = result.val_targets.cpu()
+        # 2. refit on train+val for the trial's best epoch, then the test split
+        model, _ = train_model(
+            hparams,
+            DeviceData.train_and_val(dataset, torch_device),
+            refit_settings(m.space),
+            seed=seed,
+            epochs=int(m.trial.user_attrs["best_epoch"]),
+        )
+        normalize = model_normalization(model, hparams.model, dataset.channels)
+        test_probs.append(test_probabilities(model, dataset, normalize, torch_device))
+        test_target = torch.from_numpy(dataset.test.labels)
+        save_refit_model(
+            out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt",
+            model,
+            m.study,
+            m.trial,
+            m.space,
+            dataset,
+            normalize,
+            m.trial.user_attrs.get("threshold"),
+            seed,
+        )
+        if on_member is not None:
+            on_member(i + 1, len(members))
+    assert dataset is not None and dataset.test is not None and val_target is not None and test_target is not None
+
+    positive = dataset.positive_index
+    binary = positive is not None and dataset.num_classes == 2
+    ensemble_val = torch.stack(val_probs).mean(0)
+    ensemble_test = torch.stack(test_probs).mean(0)
+    rule = members[0].space.study.threshold
+    threshold = (
+        choose_threshold(ensemble_val, val_target, positive_index=positive, rule=rule.rule, recall=rule.recall)
+        if binary
+        else None
+    )
+    for m in members:
+        record_test_read(
+            m.study,
+            {
+                "trial": m.trial.number,
+                "what": "ensemble",
+                "members": [x.name for x in members],
+                "command": shlex.join(["tuner", *sys.argv[1:]]),
+            },
+        )
+
+    def row(name: str, probs: torch.Tensor, thr: float | None, extra: dict) -> dict:
+        metric_fn = _metric_fn(dataset, thr)
+        metrics = metric_fn(probs, test_target)
+        ci = bootstrap_ci(
+            [probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, n_resamples=n_bootstrap
+        )
+        return {"name": name, **extra, "threshold": thr, "summary": summarize([metrics], ci), "metrics": metrics}
+
+    rows = [
+        row(
+            m.name,
+            probs,
+            m.trial.user_attrs.get("threshold") if binary else None,
+            {
+                "study": m.study.study_name,
+                "trial": m.trial.number,
+                "model": m.trial.user_attrs["hparams"]["model"],
+                "validation_value": m.trial.value,
+                "replayed_validation_value": replayed,
+                "epochs": int(m.trial.user_attrs["best_epoch"]),
+            },
+        )
+        for m, probs, replayed in zip(members, test_probs, replayed_values, strict=True)
+    ]
+    ensemble_row = row("ensemble", ensemble_test, threshold, {"members": [m.name for m in members]})
+    report = {
+        "studies": [s.study_name for s in studies],
+        "data": dataset.description,
+        "class_names": list(dataset.class_names),
+        "positive_class": None if positive is None else dataset.class_names[positive],
+        "threshold": threshold,
+        "threshold_rule": f"{rule.rule}, on the averaged validation probabilities of the replayed members",
+        "n_test": len(test_target),
+        "members": rows,
+        "ensemble": ensemble_row,
+        "summary": ensemble_row["summary"],
+        "metrics": ensemble_row["metrics"],
+        "test_set_reads": test_reads(members[0].study),
+    }
+    _write_predictions(out_dir / "predictions.csv", test_target, rows, test_probs, ensemble_test, dataset.class_names)
+    plot_confusion(ensemble_row["metrics"]["confusion_matrix"], dataset.class_names, out_dir / "confusion_matrix.png")
+    if binary:
+        plot_roc_pr(
+            ensemble_test, test_target, positive_index=positive, threshold=threshold, path=out_dir / "roc_pr.png"
+        )
+    write_report(out_dir, report, title=f"Ensemble of {', '.join(m.name for m in members)}")
+    _append_member_table(out_dir / "report.md", [*rows, ensemble_row])
+    return report
+
+
+def _write_predictions(path: Path, target, rows, member_probs, ensemble_probs, class_names) -> None:
+    import csv
+
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model", "index", "target", *[f"p_{c}" for c in class_names]])
+        for name, probs in [
+            *((r["name"], p) for r, p in zip(rows, member_probs, strict=True)),
+            ("ensemble", ensemble_probs),
+        ]:
+            for i, (t, p) in enumerate(zip(target.tolist(), probs.tolist(), strict=True)):
+                writer.writerow([name, i, class_names[t], *[f"{v:.6f}" for v in p]])
+
+
+TABLE_METRICS = ("auroc", "auprc", "f1", "recall", "specificity", "balanced_accuracy", "focus_recall")
+
+
+def _append_member_table(path: Path, rows: list[dict]) -> None:
+    """Members and the ensemble side by side, with each one's bootstrap 95% CI for AUROC."""
+    names = [m for m in TABLE_METRICS if m in rows[0]["summary"]]
+    lines = ["", "## Members and ensemble on the test split", ""]
+    lines.append("| model | val | " + " | ".join(names) + " | AUROC 95% CI |")
+    lines.append("|---" * (len(names) + 3) + "|")
+    for r in rows:
+        s = r["summary"]
+        val = f"{r['validation_value']:.4f}" if "validation_value" in r else ""
+        cells = [f"{s[n]['mean']:.4f}" for n in names]
+        auroc = s.get("auroc", {})
+        ci = f"[{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" if auroc.get("ci_low") is not None else ""
+        label = r["name"] if "model" not in r else f"{r['name']} ({r['model']})"
+        lines.append(f"| {label} | {val} | " + " | ".join(cells) + f" | {ci} |")
+    with path.open("a") as fh:
+        fh.write("\n".join(lines) + "\n")
