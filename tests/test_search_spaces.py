@@ -19,7 +19,6 @@ from PIL import Image
 
 from tests.conftest import make_image_folder
 from tuner.data.synthetic import make_synthetic
-from tuner.models import build_model
 from tuner.space import iter_specs, load_space
 from tuner.workers import run_optimize
 
@@ -82,17 +81,12 @@ def test_space_file_runs_one_trial(path, workdir, data_kinds):
     raw = yaml.safe_load(path.read_text())
     assert raw["study"]["name"] == path.stem, "a space's study is named after its file"
     assert path.read_text().startswith("# "), "a space file opens with what it reproduces"
-    space = load_space(
-        path,
-        {
-            **data_overrides(raw, data_kinds),
-            "data.image_size": 64 if "alexnet" in path.read_text() else 32,
-            "study.n_trials": 1,
-            "study.artifacts": False,
-            "train.max_epochs": 1,
-            "train.device": "cpu",
-            "params.pretrained": False,  # no weights here; loading them is tested in test_models.py
-        },
+    space = _space_for_tests(path, data_kinds)  # pretrained: false, as no weights are here (see test_models.py)
+    space = space.model_copy(
+        update={
+            "study": space.study.model_copy(update={"n_trials": 1, "artifacts": False}),
+            "train": space.train.model_copy(update={"max_epochs": 1}),
+        }
     )
     study = run_optimize(space, storage_url=f"sqlite:///{workdir}/s.db", cache_dir=workdir / "cache")
     trial = study.trials[0]
@@ -100,22 +94,56 @@ def test_space_file_runs_one_trial(path, workdir, data_kinds):
     assert trial.user_attrs["epochs_run"] == 1
 
 
-MODELS = sorted(
-    {
-        str(value)
-        for path in SPACES
-        for spec, _ in iter_specs(load_space(path, {"params.pretrained": False}).specs)
-        if spec.name == "model"
-        for value in ([spec.value] if hasattr(spec, "value") else [o.value for o in spec.options])
-    }
-)
+class Variant:
+    """A stand-in for an Optuna trial that takes option ``k`` of every categorical (its last, if it has
+    fewer) and the low (even ``k``) or high (odd ``k``) end of every range."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def suggest_categorical(self, name, choices):
+        return choices[min(self.k, len(choices) - 1)]
+
+    def suggest_int(self, name, low, high, **_):
+        return high if self.k % 2 else low
+
+    def suggest_float(self, name, low, high, **_):
+        return high if self.k % 2 else low
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_model_a_space_names_builds_and_runs(name):
-    model = build_model(name, num_outputs=2, in_chans=3, image_size=64, hidden_sizes=(16,), dropout=0.1).eval()
-    with torch.no_grad():
-        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 2)
+def _space_for_tests(path: Path, kinds: dict[str, Path]):
+    raw = yaml.safe_load(path.read_text())
+    return load_space(
+        path,
+        {
+            **data_overrides(raw, kinds),
+            "data.image_size": 64 if "alexnet" in path.read_text() else 32,
+            "train.device": "cpu",
+            "params.pretrained": False,
+        },
+    )
+
+
+@pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
+def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data_kinds):
+    """Each option of each categorical builds its model, training pool, loss, optimizer and schedule."""
+    from tuner.space import Choice, suggest
+    from tuner.study import prepare, train_settings
+    from tuner.training import DeviceData, build_components
+
+    space = _space_for_tests(path, data_kinds)
+    data = DeviceData.from_dataset(prepare(space, cache_dir=workdir / "cache"), torch.device("cpu"))
+    widest = max([len(s.options) for s, _ in iter_specs(space.specs) if isinstance(s, Choice)], default=1)
+    for k in range(max(widest, 2)):
+        hparams = suggest(Variant(k), space)
+        c = build_components(hparams, data, train_settings(space), seed=k)
+        x = c.normalize(torch.index_select(c.pool.images, 0, torch.arange(4)).float())
+        c.model.train()
+        loss = c.loss_fn(c.model(x), c.pool.labels[:4])
+        loss.backward()
+        c.optimizer.step()
+        c.schedule.after_step()
+        assert torch.isfinite(loss), hparams
 
 
 @pytest.mark.parametrize("balancing", ["smote", "adasyn"])

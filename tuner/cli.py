@@ -49,6 +49,13 @@ StorageOpt = Annotated[
 ]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output (-vv for debug).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and results.")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")]
+CacheDirOpt = Annotated[Path, typer.Option("--cache-dir", help="Decoded-image cache.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite earlier output in the output folder.")]
+AllowReuseOpt = Annotated[
+    bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged another trial.")
+]
+BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% CIs.")]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -115,9 +122,9 @@ def optimize(
     timeout: Annotated[
         Optional[float], typer.Option("--timeout", help="Stop starting trials after this many seconds.")
     ] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
+    device: DeviceOpt = None,
     max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", help="Overrides train.max_epochs.")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir", help="Decoded-image cache.")] = Path("studies/cache"),
+    cache_dir: CacheDirOpt = Path("studies/cache"),
     workers: Annotated[
         int, typer.Option("--workers", "-w", help="Worker processes on this machine (needs a database server).")
     ] = 1,
@@ -360,13 +367,11 @@ def refit(
         Optional[Path], typer.Option("--out", help="Output folder; default studies/<study>/refit.")
     ] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data source, if it moved since optimize.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier refit's output.")] = False,
-    allow_test_reuse: Annotated[
-        bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged another trial.")
-    ] = False,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CI.")] = 1000,
+    device: DeviceOpt = None,
+    cache_dir: CacheDirOpt = Path("studies/cache"),
+    force: ForceOpt = False,
+    allow_test_reuse: AllowReuseOpt = False,
+    bootstrap: BootstrapOpt = 1000,
     top_k: Annotated[
         Optional[int],
         typer.Option(
@@ -430,13 +435,11 @@ def ensemble(
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", help="Output folder; default studies/<first study>/ensemble.")
     ] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:1, mps.")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier ensemble's output.")] = False,
-    allow_test_reuse: Annotated[
-        bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged other trials.")
-    ] = False,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CIs.")] = 1000,
+    device: DeviceOpt = None,
+    cache_dir: CacheDirOpt = Path("studies/cache"),
+    force: ForceOpt = False,
+    allow_test_reuse: AllowReuseOpt = False,
+    bootstrap: BootstrapOpt = 1000,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -508,9 +511,9 @@ def evaluate(
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", help="Output folder; default <model folder>/evaluate.")
     ] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an earlier evaluation's output.")] = False,
-    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the CI.")] = 1000,
+    cache_dir: CacheDirOpt = Path("studies/cache"),
+    force: ForceOpt = False,
+    bootstrap: BootstrapOpt = 1000,
 ) -> None:
     """Evaluate a saved model on a data set, with its frozen threshold."""
     from tuner.refit import evaluate as run_evaluate
@@ -616,7 +619,7 @@ def data_inspect(
         Optional[Path], typer.Option("--space", help="Space file whose data section to use.", dir_okay=False)
     ] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data source (overrides data.source).")] = None,
-    cache_dir: Annotated[Path, typer.Option("--cache-dir")] = Path("studies/cache"),
+    cache_dir: CacheDirOpt = Path("studies/cache"),
 ) -> None:
     """Decode (once, into the cache) and show classes and split sizes; the test split is not read."""
     from tuner.space import load_space, parse_space

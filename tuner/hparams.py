@@ -36,7 +36,8 @@ class Hyperparameters(BaseModel):
     depth: Annotated[int, Field(ge=1, le=8)] = 3
     batch_norm: bool = True  # small_cnn: BatchNorm after each conv
     hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
-    dropout: Probability = 0.0
+    dropout: Probability = 0.0  # in the head, in front of each linear layer
+    dropout_layers: Annotated[int, Field(ge=0, le=8)] = 0  # only the head's last N linear layers (0 = all)
     drop_path: Probability = 0.0  # stochastic depth (timm models that support it)
     pos_dropout: Probability = 0.0  # vision transformers: dropout after the position embedding
     block_dropout: Probability = 0.0  # vision transformers: dropout inside the last `dropout_blocks` blocks

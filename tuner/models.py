@@ -171,18 +171,27 @@ class Classifier(nn.Module):
 
 
 def build_head(
-    in_features: int, num_outputs: int, *, hidden_sizes: Sequence[int] = (), dropout: float = 0.0
+    in_features: int,
+    num_outputs: int,
+    *,
+    hidden_sizes: Sequence[int] = (),
+    dropout: float = 0.0,
+    dropout_layers: int = 0,
 ) -> nn.Module:
-    """[dropout, linear, ReLU] per hidden size, then dropout and the output layer."""
+    """[dropout, linear, ReLU] per hidden size, then dropout and the output layer.
+
+    ``dropout_layers`` > 0 keeps dropout in front of only the last that many linear layers
+    (1 = just before the output); 0 puts it in front of every one.
+    """
     layers: list[nn.Module] = []
-    for size in hidden_sizes:
-        if dropout > 0:
+    sizes = [*hidden_sizes, num_outputs]
+    for i, size in enumerate(sizes):
+        if dropout > 0 and (dropout_layers == 0 or i >= len(sizes) - dropout_layers):
             layers.append(nn.Dropout(dropout))
-        layers += [nn.Linear(in_features, size), nn.ReLU(inplace=True)]
+        layers.append(nn.Linear(in_features, size))
+        if i < len(sizes) - 1:
+            layers.append(nn.ReLU(inplace=True))
         in_features = size
-    if dropout > 0:
-        layers.append(nn.Dropout(dropout))
-    layers.append(nn.Linear(in_features, num_outputs))
     return nn.Sequential(*layers)
 
 
@@ -262,6 +271,7 @@ def build_model(
     batch_norm: bool = True,
     hidden_sizes: Sequence[int] = (),
     dropout: float = 0.0,
+    dropout_layers: int = 0,
     drop_path: float = 0.0,
     pos_dropout: float = 0.0,
     block_dropout: float = 0.0,
@@ -284,5 +294,5 @@ def build_model(
     set_transformer_dropout(backbone, pos_dropout=pos_dropout, block_dropout=block_dropout, blocks=dropout_blocks)
     # timm's VGG pools 512 channels but its pre-logits MLP returns head_hidden_size (4096) features.
     features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
-    head = build_head(features, num_outputs, hidden_sizes=hidden_sizes, dropout=dropout)
+    head = build_head(features, num_outputs, hidden_sizes=hidden_sizes, dropout=dropout, dropout_layers=dropout_layers)
     return Classifier(backbone, head, freeze_backbone=freeze_backbone)

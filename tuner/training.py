@@ -25,7 +25,7 @@ from tuner.hparams import Hyperparameters
 from tuner.losses import build_loss, logits_to_probs, num_outputs
 from tuner.metrics import classification_metrics
 from tuner.models import BUILTIN_MODELS, Classifier, build_model
-from tuner.optim import build_optimizer, build_scheduler
+from tuner.optim import LRSchedule, build_optimizer, build_scheduler
 
 
 def seed_everything(seed: int) -> int:
@@ -195,6 +195,7 @@ def build_classifier(hparams: Hyperparameters, *, num_classes: int, channels: in
         batch_norm=hparams.batch_norm,
         hidden_sizes=hparams.hidden_sizes,
         dropout=hparams.dropout,
+        dropout_layers=hparams.dropout_layers,
         drop_path=hparams.drop_path,
         pos_dropout=hparams.pos_dropout,
         block_dropout=hparams.block_dropout,
@@ -204,41 +205,40 @@ def build_classifier(hparams: Hyperparameters, *, num_classes: int, channels: in
     )
 
 
-def train_model(
-    hparams: Hyperparameters,
-    data: DeviceData,
-    settings: TrainSettings,
-    *,
-    seed: int,
-    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    epochs: int | None = None,
-) -> tuple[Classifier, FitResult]:
-    """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both.
+@dataclass(frozen=True)
+class Components:
+    """Everything one trial trains with, built from its hyperparameters."""
 
-    ``epochs`` stops training early (refit) while the LR schedule stays planned over
-    ``settings.max_epochs``, so those epochs follow exactly the trial's schedule.
-    """
+    model: Classifier
+    normalize: Normalize
+    pool: TensorSplit  # the training images this trial draws its epochs from
+    pool_labels: np.ndarray
+    strategy: str  # how each epoch draws from the pool
+    multipliers: dict[int, float]
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: LRSchedule
+    augment: BatchAugment
+
+
+def build_components(hparams: Hyperparameters, data: DeviceData, settings: TrainSettings, seed: int) -> Components:
+    """Model, training pool and sampler, loss, optimizer, LR schedule and augmentation, on the data's device."""
     seed_everything(seed)
     device = data.train.images.device
     channels_last = settings.channels_last and device.type == "cuda"
     model = build_classifier(hparams, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    normalize = model_normalization(model, hparams.model, data.channels)
 
     pool, pool_labels = training_pool(hparams, data, seed)
     weights = loss_class_weights(hparams, data, pool_labels)
-    if weights is not None:
-        weights = torch.tensor(weights, dtype=torch.float32, device=device)
     loss_fn = build_loss(
         hparams.loss,
         num_classes=data.num_classes,
         positive_index=data.positive_index,
-        class_weights=weights,
+        class_weights=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
         label_smoothing=hparams.label_smoothing,
         focal_gamma=hparams.focal_gamma,
     ).to(device)
-    to_probs = partial(logits_to_probs, num_classes=data.num_classes, positive_index=data.positive_index)
-
     optimizer = build_optimizer(
         hparams.optimizer,
         model.parameters(),
@@ -263,20 +263,49 @@ def train_model(
         factor=hparams.factor,
         mode=settings.mode,
     )
-    augment = BatchAugment.from_name(hparams.augment)
+    return Components(
+        model=model,
+        normalize=model_normalization(model, hparams.model, data.channels),
+        pool=pool,
+        pool_labels=pool_labels,
+        strategy=strategy,
+        multipliers=multipliers,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        schedule=schedule,
+        augment=BatchAugment.from_name(hparams.augment),
+    )
+
+
+def train_model(
+    hparams: Hyperparameters,
+    data: DeviceData,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    epochs: int | None = None,
+) -> tuple[Classifier, FitResult]:
+    """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both.
+
+    ``epochs`` stops training early (refit) while the LR schedule stays planned over
+    ``settings.max_epochs``, so those epochs follow exactly the trial's schedule.
+    """
+    c = build_components(hparams, data, settings, seed)
+    channels_last = settings.channels_last and data.train.images.device.type == "cuda"
     generator = torch.Generator().manual_seed(seed)
 
     def train_batches(epoch: int):  # noqa: ANN202
         indices = epoch_indices(
-            pool_labels, strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=multipliers
+            c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=c.multipliers
         )
         order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
         return iterate_batches(
-            pool,
+            c.pool,
             order,
             hparams.batch_size,
-            normalize=normalize,
-            augment=augment,
+            normalize=c.normalize,
+            augment=c.augment,
             generator=generator,
             channels_last=channels_last,
         )
@@ -285,18 +314,18 @@ def train_model(
         assert data.val is not None
         order = torch.arange(len(data.val))
         return iterate_batches(
-            data.val, order, settings.eval_batch_size, normalize=normalize, channels_last=channels_last
+            data.val, order, settings.eval_batch_size, normalize=c.normalize, channels_last=channels_last
         )
 
     result = fit(
-        model,
+        c.model,
         train_batches=train_batches,
         val_batches=val_batches if data.val is not None else None,
-        loss_fn=loss_fn,
-        to_probs=to_probs,
+        loss_fn=c.loss_fn,
+        to_probs=partial(logits_to_probs, num_classes=data.num_classes, positive_index=data.positive_index),
         metrics_fn=partial(classification_metrics, positive_index=data.positive_index),
-        optimizer=optimizer,
-        schedule=schedule,
+        optimizer=c.optimizer,
+        schedule=c.schedule,
         max_epochs=epochs or settings.max_epochs,
         monitor=settings.monitor,
         mode=settings.mode,
@@ -306,4 +335,4 @@ def train_model(
         amp=settings.amp,
         on_epoch=on_epoch,
     )
-    return model, result
+    return c.model, result
