@@ -113,3 +113,12 @@ def test_small_cnn_without_batch_norm():
     without = build_model("small_cnn", num_outputs=2, in_chans=3, image_size=32, depth=3, batch_norm=False)
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 3
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
+
+
+@pytest.mark.parametrize(("pooling", "features"), [("avg", 64), ("max", 64), ("flatten", 64 * 4 * 4)])
+def test_small_cnn_pooling(pooling, features):
+    model = build_model("small_cnn", num_outputs=1, in_chans=3, image_size=32, width=16, depth=3, pooling=pooling)
+    assert model.backbone.num_features == features
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 1)
+    with pytest.raises(TunerError, match="halve 8 px to nothing"):
+        build_model("small_cnn", num_outputs=1, in_chans=3, image_size=8, depth=4, pooling="flatten")

@@ -56,6 +56,14 @@ AllowReuseOpt = Annotated[
     bool, typer.Option("--allow-test-reuse", help="Evaluate on a test set that already judged another trial.")
 ]
 BootstrapOpt = Annotated[int, typer.Option("--bootstrap", help="Bootstrap resamples for the 95% CIs.")]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        help="Override any key of the space file with a YAML value: --set params.lr=0.001, "
+        "--set 'data.extra_train={source: synth/, label: malignant}', --set data.extra_train=null (repeatable).",
+    ),
+]
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -144,14 +152,7 @@ def optimize(
         int,
         typer.Option("--heartbeat", help="Seconds between worker heartbeats; a trial silent for 3x this is retried."),
     ] = 60,
-    assignments: Annotated[
-        Optional[list[str]],
-        typer.Option(
-            "--set",
-            help="Override any key of the space file with a YAML value: --set params.lr=0.001, "
-            "--set 'data.extra_train={source: synth/, label: malignant}', --set data.extra_train=null (repeatable).",
-        ),
-    ] = None,
+    assignments: SetOpt = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
@@ -583,11 +584,14 @@ def report(
 
 @space_app.command("check")
 @user_errors
-def space_check(file: Annotated[Path, typer.Argument(help="Search-space YAML file.", dir_okay=False)]) -> None:
+def space_check(
+    file: Annotated[Path, typer.Argument(help="Search-space YAML file.", dir_okay=False)],
+    assignments: SetOpt = None,
+) -> None:
     """Validate a space file and print the resolved space."""
-    from tuner.space import iter_specs, load_space
+    from tuner.space import iter_specs, load_space, parse_assignments
 
-    spec = load_space(file)
+    spec = load_space(file, None, parse_assignments(assignments or []))
     s = spec.study
     out.print(f"[bold]{file}[/] is valid (fingerprint {spec.fingerprint()})")
     out.print(
@@ -620,12 +624,17 @@ def data_inspect(
     ] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Data source (overrides data.source).")] = None,
     cache_dir: CacheDirOpt = Path("studies/cache"),
+    assignments: SetOpt = None,
 ) -> None:
     """Decode (once, into the cache) and show classes and split sizes; the test split is not read."""
-    from tuner.space import load_space, parse_space
+    import numpy as np
+
+    from tuner.space import load_space, parse_assignments, parse_space
     from tuner.study import prepare
 
-    spec = load_space(space, {"data.source": data}) if space else parse_space({}, "<defaults>", {"data.source": data})
+    sets = parse_assignments(assignments or [])
+    overrides = {"data.source": data}
+    spec = load_space(space, overrides, sets) if space else parse_space({}, "<defaults>", overrides, sets)
     ds = prepare(spec, cache_dir=cache_dir)
     out.print(
         f"{ds.description}: {ds.channels} channel(s), {ds.image_size}px, classes {', '.join(ds.class_names)}",
@@ -637,6 +646,15 @@ def data_inspect(
         table.add_column(name, justify="right")
     for split_name, split in (("train", ds.train), ("val", ds.val)):
         table.add_row(split_name, *map(str, split.class_counts(ds.num_classes)))
+    if ds.extra is not None:
+        table.add_row("extra (train only)", *map(str, ds.extra.class_counts(ds.num_classes)))
     out.print(table)
+    if ds.train.tags is not None:
+        values, counts = np.unique(ds.train.tags.astype(str), return_counts=True)
+        column = spec.data.hard_example_column
+        out.print(
+            f"{column} in train: " + ", ".join(f"{v}: {n}" for v, n in zip(values, counts, strict=True)),
+            highlight=False,
+        )
     if ds.positive_index is not None:
         out.print(f"positive class: {ds.class_names[ds.positive_index]}")

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 from tuner.data.augment import AUGMENT_PRESETS
 from tuner.data.imbalance import IMBALANCE_STRATEGIES
 from tuner.losses import LOSSES
+from tuner.models import POOLINGS
 from tuner.optim import OPTIMIZERS, SCHEDULERS
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -35,6 +36,7 @@ class Hyperparameters(BaseModel):
     width: Annotated[int, Field(ge=1, le=1024)] = 32
     depth: Annotated[int, Field(ge=1, le=8)] = 3
     batch_norm: bool = True  # small_cnn: BatchNorm after each conv
+    pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]  # small_cnn: avg | max | flatten (feature map)
     hidden_sizes: tuple[Annotated[int, Field(ge=1)], ...] = ()
     dropout: Probability = 0.0  # in the head, in front of each linear layer
     dropout_layers: Annotated[int, Field(ge=0, le=8)] = 0  # only the head's last N linear layers (0 = all)

@@ -21,11 +21,23 @@ from torch import nn
 
 from tuner.errors import TunerError
 
+POOLINGS = ("avg", "max", "flatten")
+
 
 class SmallCNN(nn.Module):
-    """``depth`` blocks of conv-[BN-]ReLU-maxpool, channels doubling from ``width``, global average pool."""
+    """``depth`` blocks of conv-[BN-]ReLU-maxpool, channels doubling from ``width``, then a global
+    average or max pool, or (``flatten``) the last block's whole feature map, as classic CNNs do."""
 
-    def __init__(self, in_chans: int, *, width: int = 32, depth: int = 3, batch_norm: bool = True) -> None:
+    def __init__(
+        self,
+        in_chans: int,
+        *,
+        width: int = 32,
+        depth: int = 3,
+        batch_norm: bool = True,
+        pooling: str = "avg",
+        image_size: int = 0,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_chans
@@ -33,10 +45,18 @@ class SmallCNN(nn.Module):
             out = width * 2**i
             layers.append(nn.Conv2d(channels, out, 3, padding=1, bias=not batch_norm))
             layers += [nn.BatchNorm2d(out), nn.ReLU(inplace=True)] if batch_norm else [nn.ReLU(inplace=True)]
-            layers.append(nn.MaxPool2d(2) if i < depth - 1 else nn.AdaptiveAvgPool2d(1))
+            if i < depth - 1 or pooling == "flatten":
+                layers.append(nn.MaxPool2d(2))
             channels = out
+        if pooling == "flatten":
+            side = image_size // 2**depth
+            if side < 1:
+                raise TunerError(f"pooling=flatten: {depth} blocks halve {image_size} px to nothing; use fewer blocks")
+            self.num_features = channels * side * side
+        else:
+            layers.append(nn.AdaptiveAvgPool2d(1) if pooling == "avg" else nn.AdaptiveMaxPool2d(1))
+            self.num_features = channels
         self.features = nn.Sequential(*layers, nn.Flatten())
-        self.num_features = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -53,8 +73,8 @@ class PixelMLP(nn.Module):
         return x.flatten(1)
 
 
-def _small_cnn(in_chans: int, image_size: int, *, width: int, depth: int, batch_norm: bool) -> nn.Module:
-    return SmallCNN(in_chans, width=width, depth=depth, batch_norm=batch_norm)
+def _small_cnn(in_chans: int, image_size: int, *, width: int, depth: int, batch_norm: bool, pooling: str) -> nn.Module:
+    return SmallCNN(in_chans, width=width, depth=depth, batch_norm=batch_norm, pooling=pooling, image_size=image_size)
 
 
 def _mlp(in_chans: int, image_size: int, **_: object) -> nn.Module:
@@ -269,6 +289,7 @@ def build_model(
     width: int = 32,
     depth: int = 3,
     batch_norm: bool = True,
+    pooling: str = "avg",
     hidden_sizes: Sequence[int] = (),
     dropout: float = 0.0,
     dropout_layers: int = 0,
@@ -284,7 +305,9 @@ def build_model(
     tv_name = torchvision_name(name)
     if name in BUILTIN_MODELS:
         resolve_pretrained(name, pretrained)
-        backbone = BUILTIN_MODELS[name](in_chans, image_size, width=width, depth=depth, batch_norm=batch_norm)
+        backbone = BUILTIN_MODELS[name](
+            in_chans, image_size, width=width, depth=depth, batch_norm=batch_norm, pooling=pooling
+        )
     elif tv_name is not None:
         backbone = TorchvisionBackbone(tv_name, in_chans=in_chans, weights=resolve_pretrained(name, pretrained))
     else:

@@ -193,6 +193,7 @@ def build_classifier(hparams: Hyperparameters, *, num_classes: int, channels: in
         width=hparams.width,
         depth=hparams.depth,
         batch_norm=hparams.batch_norm,
+        pooling=hparams.pooling,
         hidden_sizes=hparams.hidden_sizes,
         dropout=hparams.dropout,
         dropout_layers=hparams.dropout_layers,
