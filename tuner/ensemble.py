@@ -11,6 +11,7 @@ image size; they must share the data and its split.
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import shlex
@@ -118,6 +119,54 @@ def _metric_fn(dataset: Dataset, threshold: float | None) -> Callable:
     )
 
 
+def _member_data(m: Member, cache_dir: Path) -> Dataset:
+    dataset = prepare(m.space, cache_dir=cache_dir, include_test=True)
+    if dataset.fingerprint != m.study.user_attrs["data"]["fingerprint"]:
+        raise TunerError(f"{dataset.description} is not the data study {m.study.study_name!r} was run on")
+    if dataset.test is None:
+        raise TunerError(f"{dataset.description} has no test split to evaluate on")
+    return dataset
+
+
+@dataclass(frozen=True)
+class MemberOutput:
+    replayed: float  # the study metric of the replayed trial, at its best epoch
+    val_probs: torch.Tensor
+    val_target: torch.Tensor
+    test_probs: torch.Tensor
+
+
+def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path) -> MemberOutput:
+    """Replay the trial on the training split (validation probabilities), refit it on train+val
+    for its best epoch like ``tuner refit``, save that model and predict the test split."""
+    assert dataset.test is not None
+    hparams = suggest(optuna.trial.FixedTrial(m.trial.params), m.space)
+    seed = int(m.trial.user_attrs["seed"])
+    _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), train_settings(m.space), seed=seed)
+    replayed = result.history[m.space.study.metric][result.best_epoch - 1]
+    if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
+        log.warning(
+            "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)", m.name, replayed, m.trial.value
+        )
+    model, _ = train_model(
+        hparams,
+        DeviceData.train_and_val(dataset, device),
+        refit_settings(m.space),
+        seed=seed,
+        epochs=int(m.trial.user_attrs["best_epoch"]),
+    )
+    normalize = model_normalization(model, hparams.model, dataset.channels)
+    threshold = m.trial.user_attrs.get("threshold")
+    path = out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt"
+    save_refit_model(path, model, m.study, m.trial, m.space, dataset, normalize, threshold, seed)
+    return MemberOutput(
+        replayed=replayed,
+        val_probs=result.best_val_probs.cpu(),
+        val_target=result.val_targets.cpu(),
+        test_probs=test_probabilities(model, dataset, normalize, device),
+    )
+
+
 def ensemble(
     studies: list[optuna.Study],
     *,
@@ -141,64 +190,22 @@ def ensemble(
 
     torch_device = resolve_device(device or members[0].space.train.device)
     datasets: dict[str, Dataset] = {}
-    val_probs, test_probs, replayed_values = [], [], []
-    val_target = test_target = None
-    dataset = None
+    outputs = []
     for i, m in enumerate(members):
         data_key = m.space.data.model_dump_json()  # members with the same data settings share one load
         if data_key not in datasets:
-            datasets[data_key] = prepare(m.space, cache_dir=cache_dir, include_test=True)
-        dataset = datasets[data_key]
-        if dataset.fingerprint != m.study.user_attrs["data"]["fingerprint"]:
-            raise TunerError(f"{dataset.description} is not the data study {m.study.study_name!r} was run on")
-        if dataset.test is None:
-            raise TunerError(f"{dataset.description} has no test split to evaluate on")
-        hparams = suggest(optuna.trial.FixedTrial(m.trial.params), m.space)
-        seed = int(m.trial.user_attrs["seed"])
-        # 1. validation probabilities: the trial replayed on the training split
-        _, result = train_model(
-            hparams, DeviceData.from_dataset(dataset, torch_device), train_settings(m.space), seed=seed
-        )
-        replayed = result.history[m.space.study.metric][result.best_epoch - 1]
-        replayed_values.append(replayed)
-        if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
-            log.warning(
-                "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)",
-                m.name,
-                replayed,
-                m.trial.value,
-            )
-        val_probs.append(result.best_val_probs.cpu())
-        val_target = result.val_targets.cpu()
-        # 2. refit on train+val for the trial's best epoch, then the test split
-        model, _ = train_model(
-            hparams,
-            DeviceData.train_and_val(dataset, torch_device),
-            refit_settings(m.space),
-            seed=seed,
-            epochs=int(m.trial.user_attrs["best_epoch"]),
-        )
-        normalize = model_normalization(model, hparams.model, dataset.channels)
-        test_probs.append(test_probabilities(model, dataset, normalize, torch_device))
-        test_target = torch.from_numpy(dataset.test.labels)
-        save_refit_model(
-            out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt",
-            model,
-            m.study,
-            m.trial,
-            m.space,
-            dataset,
-            normalize,
-            m.trial.user_attrs.get("threshold"),
-            seed,
-        )
+            datasets[data_key] = _member_data(m, cache_dir)
+        outputs.append(_run_member(m, datasets[data_key], torch_device, out_dir))
         if on_member is not None:
             on_member(i + 1, len(members))
-    assert dataset is not None and dataset.test is not None and val_target is not None and test_target is not None
+    dataset = next(iter(datasets.values()))
+    assert dataset.test is not None
+    val_target, test_target = outputs[0].val_target, torch.from_numpy(dataset.test.labels)
+    test_probs = [o.test_probs for o in outputs]
 
     positive = dataset.positive_index
     binary = positive is not None and dataset.num_classes == 2
-    ensemble_val = torch.stack(val_probs).mean(0)
+    ensemble_val = torch.stack([o.val_probs for o in outputs]).mean(0)
     ensemble_test = torch.stack(test_probs).mean(0)
     rule = members[0].space.study.threshold
     threshold = (
@@ -228,18 +235,18 @@ def ensemble(
     rows = [
         row(
             m.name,
-            probs,
+            o.test_probs,
             m.trial.user_attrs.get("threshold") if binary else None,
             {
                 "study": m.study.study_name,
                 "trial": m.trial.number,
                 "model": m.trial.user_attrs["hparams"]["model"],
                 "validation_value": m.trial.value,
-                "replayed_validation_value": replayed,
+                "replayed_validation_value": o.replayed,
                 "epochs": int(m.trial.user_attrs["best_epoch"]),
             },
         )
-        for m, probs, replayed in zip(members, test_probs, replayed_values, strict=True)
+        for m, o in zip(members, outputs, strict=True)
     ]
     ensemble_row = row("ensemble", ensemble_test, threshold, {"members": [m.name for m in members]})
     report = {
@@ -268,8 +275,6 @@ def ensemble(
 
 
 def _write_predictions(path: Path, target, rows, member_probs, ensemble_probs, class_names) -> None:
-    import csv
-
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["model", "index", "target", *[f"p_{c}" for c in class_names]])
