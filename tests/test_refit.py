@@ -309,3 +309,26 @@ def test_ensemble_refuses_studies_on_different_data(optimized, workdir):
     result = invoke("ensemble", "--study", "tiny", "--study", "other", "--top-k", "1")
     assert result.exit_code == 2
     assert "was not run on the same data, split and classes" in result.stderr
+
+
+def test_replay_accepts_hyperparameters_added_since_at_their_defaults_only():
+    from optuna.distributions import FloatDistribution
+
+    from tuner.errors import TunerError
+    from tuner.hparams import Hyperparameters
+    from tuner.refit import replay_hparams
+    from tuner.space import parse_space
+
+    space = parse_space(tiny_space())
+    stored = Hyperparameters(width=4, depth=2, batch_size=32, lr=0.005).model_dump(mode="json")
+    del stored["pooling"]  # as if the trial ran before tuner had this hyperparameter
+    trial = optuna.trial.create_trial(
+        params={"lr": 0.005},
+        distributions={"lr": FloatDistribution(1e-3, 1e-2, log=True)},
+        value=0.9,
+        user_attrs={"hparams": stored},
+    )
+    assert replay_hparams(trial, space).lr == 0.005
+    changed = parse_space(tiny_space(params={"pooling": "max"}))
+    with pytest.raises(TunerError, match=r"differs: pooling"):
+        replay_hparams(trial, changed)

@@ -36,6 +36,7 @@ from tuner.refit import (
     prepare_out_dir,
     record_test_read,
     refit_settings,
+    replay_hparams,
     save_refit_model,
     study_space,
     summarize,
@@ -43,7 +44,7 @@ from tuner.refit import (
     test_reads,
 )
 from tuner.report import plot_confusion, plot_roc_pr, write_report
-from tuner.space import SearchSpace, suggest
+from tuner.space import SearchSpace
 from tuner.study import STUDIES_DIR, prepare, train_settings
 from tuner.training import DeviceData, model_normalization, train_model
 
@@ -140,7 +141,7 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
     """Replay the trial on the training split (validation probabilities), refit it on train+val
     for its best epoch like ``tuner refit``, save that model and predict the test split."""
     assert dataset.test is not None
-    hparams = suggest(optuna.trial.FixedTrial(m.trial.params), m.space)
+    hparams = replay_hparams(m.trial, m.space)
     seed = int(m.trial.user_attrs["seed"])
     _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), train_settings(m.space), seed=seed)
     replayed = result.history[m.space.study.metric][result.best_epoch - 1]

@@ -33,6 +33,7 @@ from tuner.data.dataset import load_labelled_images
 from tuner.data.loader import TensorSplit, iterate_batches
 from tuner.engine import predict, resolve_device
 from tuner.errors import TunerError
+from tuner.hparams import Hyperparameters
 from tuner.losses import logits_to_probs
 from tuner.metrics import evaluation_report
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
@@ -60,6 +61,21 @@ def pick_trial(study: optuna.Study, trial_number: int | None) -> FrozenTrial:
             f"trial {trial_number} is {match[0].state.name}, not COMPLETE; only completed trials can be refit"
         )
     return match[0]
+
+
+def replay_hparams(trial: FrozenTrial, space: SearchSpace) -> Hyperparameters:
+    """The trial's hyperparameters, rebuilt from its parameters; an error if they no longer match what it
+    trained with. Hyperparameters added to tuner after the trial ran must be at their defaults."""
+    hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
+    replayed, stored = hparams.model_dump(mode="json"), trial.user_attrs.get("hparams") or {}
+    defaults = Hyperparameters().model_dump(mode="json")
+    if any(stored.get(key, defaults[key]) != value for key, value in replayed.items()):
+        changed = sorted(k for k, v in replayed.items() if stored.get(k, defaults[k]) != v)
+        raise TunerError(
+            f"trial {trial.number}'s parameters no longer replay to the hyperparameters it trained with "
+            f"(differs: {', '.join(changed)})"
+        )
+    return hparams
 
 
 def study_space(study: optuna.Study, data_override: str | None = None) -> SearchSpace:
@@ -157,7 +173,7 @@ def rescore(
     objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, None, folds)
     rows = []
     for trial in top:
-        hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
+        hparams = replay_hparams(trial, space)
         values = []
         for j in range(seeds):
             try:
@@ -290,9 +306,7 @@ def refit(
         trial, rescored = rescore(
             study, space, dataset, resolve_device(device or space.train.device), top_k=top_k, seeds=seeds
         )
-    hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
-    if hparams.model_dump(mode="json") != trial.user_attrs.get("hparams"):
-        raise TunerError(f"trial {trial.number}'s parameters no longer replay to the same hyperparameters")
+    hparams = replay_hparams(trial, space)
     warning = check_test_reuse(study, trial.number, allow_test_reuse)
     out_dir = out_dir or STUDIES_DIR / study.study_name / "refit"
     prepare_out_dir(out_dir, force)
