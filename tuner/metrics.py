@@ -133,6 +133,9 @@ def evaluation_report(
     k = probs.shape[1]
     binary = k == 2 and positive_index is not None
     out = classification_metrics(probs, target, positive_index=positive_index, threshold=threshold)
+    if k == 2:  # the focus class's metrics are recall / precision / f1 themselves
+        for name in FOCUS_METRICS:
+            out.pop(f"focus_{name}", None)
     if binary:
         score = probs[:, positive_index]
         is_pos = (target == positive_index).long()
@@ -158,9 +161,6 @@ def evaluation_report(
     out["per_class"] = per_class
     out["n"] = len(target)
     if not binary and positive_index is not None:
-        # the focus class (e.g. cancer among normal/benign/cancer): its recall comes first in reports
-        focus = class_names[positive_index]
-        out["focus_class"] = focus
-        out["focus_recall"] = per_class[focus]["recall"]
-        out["focus_precision"] = per_class[focus]["precision"]
+        # the focus class (e.g. cancer among normal/benign/cancer): its focus_* metrics come first in reports
+        out["focus_class"] = class_names[positive_index]
     return out
