@@ -475,8 +475,8 @@ def ensemble(
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in [*report["members"], report["ensemble"]]:
         label = row["name"] if "model" not in row else f"{row['name']} ({row['model']})"
-        val = _fmt(row.get("validation_value", ""))
-        table.add_row(label, val, *[_fmt(row["summary"][n]["mean"]) for n in names])
+        val = f"{row['validation_value']:.4f}" if "validation_value" in row else ""
+        table.add_row(label, val, *[f"{row['summary'][n]['mean']:.4f}" for n in names])
     out.print(table)
     folder = out_dir or Path("studies") / loaded[0].study_name / "ensemble"
     out.print(f"member models, predictions, plots and report in {folder}/", highlight=False)
