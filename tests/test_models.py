@@ -78,6 +78,13 @@ def test_torchvision_names_build_with_tuner_head_and_local_weights(no_weight_cac
     torch.testing.assert_close(model.backbone.model.features[0].weight, source.features[0].weight)
     with pytest.raises(TunerError, match=r"alexnet-owt-.*\.pth"):
         resolve_pretrained("alexnet", True)
+    # pretrained: true finds the file where torchvision itself caches it
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(source.state_dict(), cached)
+    assert resolve_pretrained("alexnet", True) == cached
+    from_cache = build_model("alexnet", num_outputs=2, in_chans=3, image_size=64, pretrained=True)
+    torch.testing.assert_close(from_cache.backbone.model.features[0].weight, source.features[0].weight)
     # a name both libraries have is timm's unless prefixed
     assert type(build_model("resnet18", num_outputs=2, in_chans=3, image_size=32).backbone).__module__.startswith(
         "timm"
