@@ -113,6 +113,9 @@ def test_vision_transformer_dropouts_reach_the_blocks_asked_for():
     assert vit.blocks[-1].drop_path1.drop_prob > 0
     with pytest.raises(TunerError, match="pos_dropout needs a vision transformer"):
         build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pos_dropout=0.1)
+    for cnn in ("vgg11", "alexnet", "small_cnn"):  # no stochastic depth: a clear error, not a TypeError
+        with pytest.raises(TunerError, match="drop_path"):
+            build_model(cnn, num_outputs=2, in_chans=3, image_size=64, drop_path=0.1)
 
 
 def test_small_cnn_without_batch_norm():

@@ -227,7 +227,13 @@ def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: floa
         # Vision transformers need the input size at construction; CNNs do not accept it.
         return timm.create_model(name, img_size=image_size, **kwargs)
     except TypeError:
+        pass
+    try:
         return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        if "drop_path_rate" in str(err):
+            raise TunerError(f"{name} has no drop path (stochastic depth); set drop_path: 0 for it") from None
+        raise
 
 
 class TorchvisionBackbone(nn.Module):
@@ -303,6 +309,8 @@ def build_model(
     """Build a classifier with ``num_outputs`` logits."""
     check_model_name(name)
     tv_name = torchvision_name(name)
+    if drop_path > 0 and (name in BUILTIN_MODELS or tv_name is not None):
+        raise TunerError(f"drop_path applies to timm models that have it, not to {name}; set drop_path: 0 for it")
     if name in BUILTIN_MODELS:
         resolve_pretrained(name, pretrained)
         backbone = BUILTIN_MODELS[name](
