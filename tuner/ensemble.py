@@ -22,6 +22,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
@@ -201,6 +202,10 @@ def ensemble(
             on_member(i + 1, len(members))
     dataset = next(iter(datasets.values()))
     assert dataset.test is not None
+    for other in datasets.values():  # same items in the same order, whatever the image size
+        assert other.test is not None
+        if not np.array_equal(other.test.labels, dataset.test.labels):
+            raise TunerError("the members' test splits differ, so their probabilities cannot be averaged")
     val_target, test_target = outputs[0].val_target, torch.from_numpy(dataset.test.labels)
     test_probs = [o.test_probs for o in outputs]
 
