@@ -8,7 +8,7 @@ import torch
 
 from tuner.data import load_dataset
 from tuner.engine import NonFiniteLossError
-from tuner.hparams import OPTIMIZERS, SCHEDULERS, Hyperparameters
+from tuner.hparams import IMBALANCE_STRATEGIES, OPTIMIZERS, SCHEDULERS, Hyperparameters
 from tuner.training import DeviceData, TrainSettings, build_classifier, seed_everything, train_model
 
 
@@ -173,3 +173,29 @@ def test_per_class_multipliers_and_weights_train_by_class_name(tagged_data):
     assert result.epochs_run == 4
     with pytest.raises(TunerError, match="class_multipliers names class 'cancer'"):
         train_model(hp.model_copy(update={"class_multipliers": {"cancer": 3.0}}), data, SETTINGS, seed=0)
+
+
+@pytest.mark.parametrize("strategy", IMBALANCE_STRATEGIES)
+def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, strategy):
+    import numpy as np
+
+    from tuner.data.imbalance import SYNTHESIZING, epoch_indices, target_counts
+    from tuner.training import build_components
+
+    hp = Hyperparameters(width=4, depth=2, imbalance=strategy, ratio=2.0, class_multipliers={"malignant": 2.5})
+    val_before = tiny_data.val.images.clone()
+    c = build_components(hp, tiny_data, SETTINGS, seed=0)
+    labels = tiny_data.train_labels
+    counts = np.bincount(labels, minlength=2)
+    if strategy in SYNTHESIZING:  # new minority images, made once, up to the ratio (ADASYN: about)
+        made, wanted = np.bincount(c.pool_labels, minlength=2), list(target_counts(labels, strategy, 2.0).values())
+        assert made[0] == wanted[0] and abs(made[1] - wanted[1]) <= (0 if strategy == "smote" else 0.1 * wanted[1])
+    else:
+        assert c.pool is tiny_data.train
+    epoch = epoch_indices(c.pool_labels, c.strategy, ratio=2.0, seed=1, multipliers=c.multipliers)
+    drawn = np.bincount(c.pool_labels[epoch], minlength=2)
+    if strategy == "weighted_sampler":
+        assert drawn.sum() == counts.sum() and abs(drawn[0] - drawn[1]) < 0.3 * drawn.sum()
+    else:
+        assert drawn.tolist() == list(target_counts(c.pool_labels, c.strategy, 2.0, c.multipliers).values())
+    assert torch.equal(tiny_data.val.images, val_before), "validation is never resampled"
