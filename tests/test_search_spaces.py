@@ -177,6 +177,8 @@ def test_mhist_space_with_pixel_smote_and_hard_examples_left_out(workdir, data_k
         assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("fail_reason")
         assert trial.user_attrs["hparams"]["imbalance"] == balancing
         assert trial.user_attrs["hparams"]["drop_hard"] == ["3", "4"]
+        counts = trial.user_attrs["train_counts"]  # SMOTE / ADASYN balanced what was left
+        assert set(counts) == {"HP", "SSA"} and abs(counts["HP"] - counts["SSA"]) <= 0.1 * counts["HP"]
     refit = invoke("refit", "--study", "fcnn", "--storage", "sqlite:///studies/fcnn.db", "--bootstrap", "20")
     assert refit.exit_code == 0, refit.output
     assert "test set" in refit.stdout

@@ -74,6 +74,9 @@ class FitResult:
     # validation probabilities and targets of the best epoch (None without validation)
     best_val_probs: torch.Tensor | None = field(default=None, repr=False)
     val_targets: torch.Tensor | None = field(default=None, repr=False)
+    # what the model trained on: images per class before each epoch's resampling, images per epoch
+    train_counts: list[int] | None = None
+    images_per_epoch: int | None = None
 
 
 @torch.inference_mode()

@@ -383,6 +383,9 @@ class Objective:
         trial.set_user_attr("seconds_per_epoch", round(result.seconds_per_epoch, 4))
         trial.set_user_attr("images_per_second", round(result.images_per_second, 1))
         trial.set_user_attr("peak_memory_mb", round(result.peak_memory_mb, 1))
+        if result.train_counts is not None:  # after hard examples left out, extra and SMOTE images added
+            trial.set_user_attr("train_counts", dict(zip(self.class_names, result.train_counts, strict=True)))
+            trial.set_user_attr("images_per_epoch", result.images_per_epoch)
 
     def _finish(
         self, trial: Any, history: dict, probs: torch.Tensor | None, targets: torch.Tensor | None, state: dict

@@ -336,4 +336,6 @@ def train_model(
         amp=settings.amp,
         on_epoch=on_epoch,
     )
+    result.train_counts = np.bincount(c.pool_labels, minlength=data.num_classes).tolist()
+    result.images_per_epoch = sum(target_counts(c.pool_labels, c.strategy, hparams.ratio, c.multipliers).values())
     return c.model, result
