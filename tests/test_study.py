@@ -186,7 +186,7 @@ def test_ctrl_c_leaves_no_trial_running(workdir):
         train={"max_epochs": 200},
     )
     path = write_space(workdir / "s.yaml", space)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuner", "optimize", "--space", str(path)], env=env, stderr=subprocess.PIPE, text=True
     )
@@ -197,13 +197,27 @@ def test_ctrl_c_leaves_no_trial_running(workdir):
             time.sleep(0.3)
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
+        try:
+            _, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)  # the fault handler prints where every thread is stuck
+            pytest.fail("optimize did not exit after Ctrl-C:\n" + proc.communicate(timeout=30)[1])
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr
     states = [t.state for t in load("tiny", workdir).get_trials()]
     assert states and TrialState.RUNNING not in states
+
+
+def test_interrupted_exit_is_not_held_up_by_a_thread_nothing_will_stop():
+    code = (
+        "import threading, tuner.cli as cli\n"
+        "threading.Thread(target=threading.Event().wait).start()  # a non-daemon thread that never ends\n"
+        "cli._exit_interrupted()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
 
 
 def test_a_space_where_every_trial_fails_stops_with_the_reason(workdir):

@@ -11,10 +11,12 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional, TypeVar
+from typing import Annotated, Any, NoReturn, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -210,7 +212,7 @@ def optimize(
         except KeyboardInterrupt:
             progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
-            raise typer.Exit(code=130) from None
+            _exit_interrupted()
     _print_best(result, spec.study.metric)
     shown = redact(storage_url)
     dashboard_cmd = f"tuner dashboard --study {spec.study.name}" + ("" if storage is None else f" --storage '{shown}'")
@@ -220,6 +222,19 @@ def optimize(
         markup=False,
         highlight=False,
     )
+
+
+def _exit_interrupted() -> NoReturn:
+    """Exit 130 now, even if Ctrl-C landed where a library had just started a worker thread (Optuna's
+    heartbeat) that nothing will stop: such a thread would keep the process alive for ever."""
+    lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    for thread in lingering:
+        thread.join(timeout=2)
+    if any(t.is_alive() for t in lingering):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    raise typer.Exit(code=130)
 
 
 def _progress(label: str, quiet: bool) -> Progress:

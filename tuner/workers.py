@@ -89,13 +89,22 @@ class TrialBudget:
             )
             return result.rowcount == 1
 
-    def give_back(self) -> None:
-        with self.engine.begin() as con:
-            con.execute(
-                sa.update(_budget)
-                .where(_budget.c.study_id == self.study_id, _budget.c.claimed > 0)
-                .values(claimed=_budget.c.claimed - 1)
-            )
+    def give_back(self, *, stopping: bool = False) -> None:
+        """Return one claimed start. ``stopping`` (Ctrl-C): wait a few seconds for the database at most;
+        should it be busy, nothing is lost, as the next run's ``add`` drops starts that no one is using."""
+        try:
+            with self.engine.begin() as con:
+                if stopping and self.engine.dialect.name == "sqlite":
+                    con.exec_driver_sql("PRAGMA busy_timeout = 3000")
+                con.execute(
+                    sa.update(_budget)
+                    .where(_budget.c.study_id == self.study_id, _budget.c.claimed > 0)
+                    .values(claimed=_budget.c.claimed - 1)
+                )
+        except sa.exc.OperationalError as err:
+            if not stopping:
+                raise
+            log.warning("could not give the interrupted trial's start back (%s); the next run drops it", err.orig)
 
     def left(self) -> int:
         with self.engine.connect() as con:
@@ -193,7 +202,7 @@ def work(
                     gc_after_trial=torch_device.type == "cuda",
                 )
             except KeyboardInterrupt:
-                budget.give_back()  # Optuna marked the trial FAILED; its start is not used up
+                budget.give_back(stopping=True)  # Optuna marked the trial FAILED; its start is not used up
                 raise
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Our heartbeat was missed long enough for another worker to declare this trial stale;
