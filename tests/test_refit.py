@@ -58,6 +58,10 @@ def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, 
     assert report["trial"] == best.number and report["hparams"] == best.user_attrs["hparams"]
     assert report["params"] == best.params and report["epochs"] == best.user_attrs["best_epoch"]
     assert report["threshold"] == best.user_attrs["threshold"]
+    mean_probs = np.mean(list(_read_predictions(out / "predictions.csv").values()), 0)
+    target = (np.load(lesion_npz)["test_labels"][:, 0] == 1).astype(int)
+    assert report["seed_ensemble"]["auroc"] == pytest.approx(roc_auc_score(target, mean_probs[:, 1]), abs=1e-4)
+    assert "seeds' models averaged: AUROC" in result.stdout
     assert report["seeds"] == [best.user_attrs["seed"], best.user_attrs["seed"] + 1000]
     assert report["n_train"] == 290 and report["n_test"] == 70
     for name in ("auroc", "auprc", "recall", "specificity", "f1", "mcc"):

@@ -515,6 +515,13 @@ def _print_test_summary(report: dict, headline: str) -> None:
             ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
             table.add_row(name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", ci)
     out.print(table)
+    joint = report.get("seed_ensemble")
+    if joint:
+        out.print(
+            f"the {len(report['seeds'])} seeds' models averaged: AUROC {joint['auroc']:.4f}, AUPRC {joint['auprc']:.4f}, "
+            f"recall {joint['recall']:.4f}, specificity {joint['specificity']:.4f}",
+            highlight=False,
+        )
 
 
 @app.command()

@@ -372,6 +372,8 @@ def refit(
         "bootstrap": {"resamples": n_bootstrap, "grouped": dataset.test.groups is not None},
         "summary": summarize(per_seed, ci),
         "per_seed": per_seed,
+        # the N refit models as one: the mean of their probabilities, at the same frozen threshold
+        "seed_ensemble": metric_fn(torch.stack(probs_per_seed).mean(0), target) if seeds > 1 else None,
         "test_set_reads": test_reads(study),
     }
     _write_predictions(out_dir / "predictions.csv", target, probs_per_seed, seed_list, dataset.class_names)

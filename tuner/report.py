@@ -133,6 +133,13 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
                 s = summary[name]
                 ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s.get("ci_low") is not None else ""
                 lines.append(f"| {name} | {s['mean']:.4f} | {s['sd']:.4f} | {ci} |")
+    joint = report.get("seed_ensemble")
+    if joint:
+        lines += [
+            "",
+            f"The {len(report['seeds'])} seeds' models averaged (mean probability, same threshold): "
+            + ", ".join(f"{name} {joint[name]:.4f}" for name in ("auroc", "auprc", "recall", "specificity")),
+        ]
     first = (report.get("per_seed") or [report.get("metrics")])[0]
     if first and "per_class" in first:
         lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
