@@ -106,11 +106,6 @@ def pooled_tags(*tags: np.ndarray | None) -> np.ndarray | None:
     return None if any(t is None for t in tags) else np.concatenate(tags)
 
 
-def _take(split: TensorSplit, indices: np.ndarray) -> TensorSplit:
-    idx = torch.from_numpy(indices).to(split.images.device)
-    return TensorSplit(torch.index_select(split.images, 0, idx), torch.index_select(split.labels, 0, idx))
-
-
 def _extra_indices(extra_labels: np.ndarray, train_labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
     """Per class, ``ratio`` extra images per real training image (as many as there are), drawn at random."""
     rng = np.random.default_rng(seed)
@@ -132,20 +127,17 @@ def training_pool(hparams: Hyperparameters, data: DeviceData, seed: int) -> tupl
         keep = np.flatnonzero(~np.isin(data.train_tags.astype(str), list(hparams.drop_hard)))
         if len(np.unique(labels[keep])) < 2:
             raise TunerError(f"drop_hard={list(hparams.drop_hard)} leaves fewer than two classes to train on")
-        split, labels = _take(split, keep), labels[keep]
+        split, labels = split.take(keep), labels[keep]
     if hparams.extra_ratio > 0:
         if data.extra is None or data.extra_labels is None:
             raise TunerError("extra_ratio needs data.extra_train, a folder of extra training images")
         chosen = _extra_indices(data.extra_labels, labels, hparams.extra_ratio, seed)
-        extra = _take(data.extra, chosen)
-        split = TensorSplit(torch.cat([split.images, extra.images]), torch.cat([split.labels, extra.labels]))
-        labels = np.concatenate([labels, data.extra_labels[chosen]])
+        split, labels = split.join(data.extra.take(chosen)), np.concatenate([labels, data.extra_labels[chosen]])
     if hparams.imbalance in SYNTHESIZING:
         images, new_labels = synthesize(
             split.images.cpu().numpy(), labels, hparams.imbalance, ratio=hparams.ratio, seed=seed
         )
-        new = TensorSplit.from_numpy(images, new_labels, split.images.device)
-        split = TensorSplit(torch.cat([split.images, new.images]), torch.cat([split.labels, new.labels]))
+        split = split.join(TensorSplit.from_numpy(images, new_labels, split.images.device))
         labels = np.concatenate([labels, new_labels])
     return split, labels
 

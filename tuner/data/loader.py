@@ -48,6 +48,13 @@ class TensorSplit:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def take(self, indices: np.ndarray) -> TensorSplit:
+        idx = torch.from_numpy(indices).to(self.images.device)
+        return TensorSplit(torch.index_select(self.images, 0, idx), torch.index_select(self.labels, 0, idx))
+
+    def join(self, other: TensorSplit) -> TensorSplit:
+        return TensorSplit(torch.cat([self.images, other.images]), torch.cat([self.labels, other.labels]))
+
 
 def iterate_batches(
     split: TensorSplit,
