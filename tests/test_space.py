@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import optuna
 import pytest
 
@@ -184,3 +186,43 @@ def test_shipped_spaces_are_valid_or_name_the_weights_they_need():
         result = invoke("space", "check", path)
         if result.exit_code != 0:  # only allowed: pretrained weights absent on this machine
             assert result.exit_code == 2 and "are not on this machine" in result.stderr, (path, result.output)
+
+
+def test_per_class_values_are_searched_entry_by_entry_and_replay():
+    from tuner.space import class_names_used
+
+    space = parse_space(
+        {
+            "params": {
+                "class_weights": {"benign": 0.5, "malignant": {"low": 0.5, "high": 0.85}},
+                "imbalance": "multiply",
+                "class_multipliers": {"cancer": {"low": 10, "high": 16}, "benign": {"choices": [5, 10]}},
+            }
+        }
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    hp = suggest(trial, space)
+    assert set(trial.params) == {"class_weights.malignant", "class_multipliers.cancer", "class_multipliers.benign"}
+    assert hp.class_weights["benign"] == 0.5 and 0.5 <= hp.class_weights["malignant"] <= 0.85
+    assert 10 <= hp.class_multipliers["cancer"] <= 16 and hp.class_multipliers["benign"] in (5, 10)
+    assert suggest(optuna.trial.FixedTrial(trial.params), space) == hp
+    assert class_names_used(space.specs) == {
+        "class_weights": {"benign", "malignant"},
+        "class_multipliers": {"cancer", "benign"},
+    }
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"class_weights": {"a": -1}}, "params.class_weights.a: Input should be greater than 0"),
+        ({"class_weights": "bal"}, "params.class_weights: Input should be 'none' or 'balanced'"),
+        ({"class_weights": {"a": {"low": 2, "high": 1}}}, "params.class_weights.a: low must be below high"),
+        ({"class_multipliers": {"a": {"mean": 2}}}, "params.class_multipliers.a: must be a number"),
+        ({"class_multipliers": 3}, "params.class_multipliers: Input should be a valid dictionary"),
+    ],
+)
+def test_per_class_errors_name_the_class(params, message):
+    with pytest.raises(SpaceError, match=re.escape(message)):
+        parse_space({"params": params})

@@ -22,7 +22,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -390,13 +390,7 @@ def _parse_class_entry(name: str, raw: Any, path: str, problems: list[tuple[str,
         values = [check(v, f"{path}.choices") for v in raw["choices"]]
         return None if None in values else Choice(name, tuple(Option(v) for v in dict.fromkeys(values)))
     if {"low", "high"} <= set(raw) <= {"low", "high", "log", "step"}:
-        low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
-        if low is not None and high is not None:
-            if low >= high:
-                problems.append((path, f"low must be below high, but got low={low!r}, high={high!r}"))
-                return None
-            return Range(name, "float", low, high, log=bool(raw.get("log", False)), step=raw.get("step"))
-        return None
+        return _range(name, "float", raw, path, problems, check)
     problems.append((path, f"must be a number, {{low, high[, log]}} or {{choices: [...]}}, but got {dict(raw)!r}"))
     return None
 
@@ -435,8 +429,19 @@ def _parse_param(name: str, raw: Any, path: str, problems: list[tuple[str, str]]
     if kind not in ("int", "float"):
         problems.append((path, f"{name!r} is a {kind}, so it takes a fixed value or choices, not a range"))
         return None
-    low = _check_value(name, raw["low"], f"{path}.low", problems)
-    high = _check_value(name, raw["high"], f"{path}.high", problems)
+    return _range(name, kind, raw, path, problems, lambda value, where: _check_value(name, value, where, problems))
+
+
+def _range(
+    name: str,
+    kind: str,
+    raw: Mapping[str, Any],
+    path: str,
+    problems: list[tuple[str, str]],
+    check: Callable[[Any, str], Any],
+) -> Range | None:
+    """``{low, high[, log][, step]}`` with each bound validated by ``check(value, where)``."""
+    low, high = check(raw["low"], f"{path}.low"), check(raw["high"], f"{path}.high")
     log, step = raw.get("log", False), raw.get("step")
     if low is None or high is None:
         return None
