@@ -11,14 +11,12 @@ image size; they must share the data and its split.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,11 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.data import Dataset
 from tuner.engine import resolve_device
 from tuner.errors import TunerError
-from tuner.metrics import choose_threshold, evaluation_report
+from tuner.metrics import choose_threshold
 from tuner.refit import (
     bootstrap_ci,
     check_test_reuse,
+    load_test_data,
     prepare_out_dir,
     record_test_read,
     refit_settings,
@@ -41,12 +40,14 @@ from tuner.refit import (
     save_refit_model,
     study_space,
     summarize,
+    test_metric_fn,
     test_probabilities,
     test_reads,
+    write_predictions,
 )
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
-from tuner.study import STUDIES_DIR, prepare, train_settings
+from tuner.study import STUDIES_DIR, train_settings
 from tuner.training import DeviceData, model_normalization, train_model
 
 log = logging.getLogger(__name__)
@@ -112,24 +113,6 @@ def check_same_split(members: list[Member]) -> None:
             )
 
 
-def _metric_fn(dataset: Dataset, threshold: float | None) -> Callable:
-    return partial(
-        evaluation_report,
-        class_names=dataset.class_names,
-        positive_index=dataset.positive_index,
-        threshold=threshold if threshold is not None else 0.5,
-    )
-
-
-def _member_data(m: Member, cache_dir: Path) -> Dataset:
-    dataset = prepare(m.space, cache_dir=cache_dir, include_test=True)
-    if dataset.fingerprint != m.study.user_attrs["data"]["fingerprint"]:
-        raise TunerError(f"{dataset.description} is not the data study {m.study.study_name!r} was run on")
-    if dataset.test is None:
-        raise TunerError(f"{dataset.description} has no test split to evaluate on")
-    return dataset
-
-
 @dataclass(frozen=True)
 class MemberOutput:
     replayed: float  # the study metric of the replayed trial, at its best epoch
@@ -160,7 +143,7 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
     normalize = model_normalization(model, hparams.model, dataset.channels)
     threshold = m.trial.user_attrs.get("threshold")
     path = out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt"
-    save_refit_model(path, model, m.study, m.trial, m.space, dataset, normalize, threshold, seed)
+    save_refit_model(path, model, hparams, m.study, m.trial, m.space, dataset, normalize, threshold, seed)
     return MemberOutput(
         replayed=replayed,
         val_probs=result.best_val_probs.cpu(),
@@ -196,7 +179,7 @@ def ensemble(
     for i, m in enumerate(members):
         data_key = m.space.data.model_dump_json()  # members with the same data settings share one load
         if data_key not in datasets:
-            datasets[data_key] = _member_data(m, cache_dir)
+            datasets[data_key] = load_test_data(m.study, m.space, cache_dir)
         outputs.append(_run_member(m, datasets[data_key], torch_device, out_dir))
         if on_member is not None:
             on_member(i + 1, len(members))
@@ -231,7 +214,7 @@ def ensemble(
         )
 
     def row(name: str, probs: torch.Tensor, thr: float | None, extra: dict) -> dict:
-        metric_fn = _metric_fn(dataset, thr)
+        metric_fn = test_metric_fn(dataset.class_names, dataset.positive_index, thr)
         metrics = metric_fn(probs, test_target)
         ci = bootstrap_ci(
             [probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, n_resamples=n_bootstrap
@@ -269,7 +252,8 @@ def ensemble(
         "metrics": ensemble_row["metrics"],
         "test_set_reads": test_reads(members[0].study),
     }
-    _write_predictions(out_dir / "predictions.csv", test_target, rows, test_probs, ensemble_test, dataset.class_names)
+    labelled = [*((r["name"], p) for r, p in zip(rows, test_probs, strict=True)), ("ensemble", ensemble_test)]
+    write_predictions(out_dir / "predictions.csv", test_target, "model", labelled, dataset.class_names)
     plot_confusion(ensemble_row["metrics"]["confusion_matrix"], dataset.class_names, out_dir / "confusion_matrix.png")
     if binary:
         plot_roc_pr(
@@ -278,18 +262,6 @@ def ensemble(
     write_report(out_dir, report, title=f"Ensemble of {', '.join(m.name for m in members)}")
     _append_member_table(out_dir / "report.md", [*rows, ensemble_row])
     return report
-
-
-def _write_predictions(path: Path, target, rows, member_probs, ensemble_probs, class_names) -> None:
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", "index", "target", *[f"p_{c}" for c in class_names]])
-        for name, probs in [
-            *((r["name"], p) for r, p in zip(rows, member_probs, strict=True)),
-            ("ensemble", ensemble_probs),
-        ]:
-            for i, (t, p) in enumerate(zip(target.tolist(), probs.tolist(), strict=True)):
-                writer.writerow([name, i, class_names[t], *[f"{v:.6f}" for v in p]])
 
 
 TABLE_METRICS = ("auroc", "auprc", "f1", "recall", "specificity", "balanced_accuracy", "focus_recall")

@@ -221,6 +221,7 @@ def refit_settings(space: SearchSpace) -> TrainSettings:
 def save_refit_model(
     path: Path,
     model: torch.nn.Module,
+    hparams: Hyperparameters,
     study: optuna.Study,
     trial: FrozenTrial,
     space: SearchSpace,
@@ -233,7 +234,7 @@ def save_refit_model(
     save_model(
         path,
         model,
-        hparams=suggest(optuna.trial.FixedTrial(trial.params), space),
+        hparams=hparams,
         space=space.model_dump(mode="json"),
         class_names=dataset.class_names,
         image_size=dataset.image_size,
@@ -254,15 +255,39 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_predictions(
-    path: Path, target: torch.Tensor, probs_per_seed: list[torch.Tensor], seeds: list[int], class_names
+def write_predictions(
+    path: Path, target: torch.Tensor, key: str, labelled: list[tuple[Any, torch.Tensor]], class_names
 ) -> None:
+    """One row per (model, test item): ``key`` names what tells the models apart (a seed, a member)."""
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["seed", "index", "target", *[f"p_{c}" for c in class_names]])
-        for seed, probs in zip(seeds, probs_per_seed, strict=True):
+        writer.writerow([key, "index", "target", *[f"p_{c}" for c in class_names]])
+        for label, probs in labelled:
             for i, (t, row) in enumerate(zip(target.tolist(), probs.tolist(), strict=True)):
-                writer.writerow([seed, i, class_names[t], *[f"{p:.6f}" for p in row]])
+                writer.writerow([label, i, class_names[t], *[f"{p:.6f}" for p in row]])
+
+
+def test_metric_fn(class_names, positive_index: int | None, threshold: float | None) -> Callable:
+    """The test-set report for probabilities, at the frozen threshold (0.5 when none was chosen)."""
+    return partial(
+        evaluation_report,
+        class_names=class_names,
+        positive_index=positive_index,
+        threshold=0.5 if threshold is None else threshold,
+    )
+
+
+def load_test_data(study: optuna.Study, space: SearchSpace, cache_dir: Path) -> Dataset:
+    """The study's data with its test split, refusing data other than what the study ran on."""
+    dataset = prepare(space, cache_dir=cache_dir, include_test=True)
+    if dataset.fingerprint != study.user_attrs["data"]["fingerprint"]:
+        raise TunerError(
+            f"{dataset.description} is not the data study {study.study_name!r} was run on "
+            "(its content fingerprint differs)"
+        )
+    if dataset.test is None:
+        raise TunerError(f"{dataset.description} has no test split to evaluate on")
+    return dataset
 
 
 def test_probabilities(model: torch.nn.Module, dataset: Dataset, normalize, device: torch.device) -> torch.Tensor:
@@ -313,13 +338,8 @@ def refit(
     if warning:
         log.warning("%s", warning)
 
-    dataset = prepare(space, cache_dir=cache_dir, include_test=True)
-    if dataset.fingerprint != study.user_attrs["data"]["fingerprint"]:
-        raise TunerError(
-            f"{dataset.description} is not the data this study was run on (its content fingerprint differs)"
-        )
-    if dataset.test is None:
-        raise TunerError(f"{dataset.description} has no test split to evaluate on")
+    dataset = load_test_data(study, space, cache_dir)
+    assert dataset.test is not None
     torch_device = resolve_device(device or space.train.device)
     data_tv = DeviceData.train_and_val(dataset, torch_device)
     settings = refit_settings(space)
@@ -330,9 +350,7 @@ def refit(
         threshold = 0.5
     seed_list = [int(trial.user_attrs["seed"]) + SEED_STRIDE * k for k in range(seeds)]
     target = torch.from_numpy(dataset.test.labels)
-    metric_fn = partial(
-        evaluation_report, class_names=dataset.class_names, positive_index=positive, threshold=threshold or 0.5
-    )
+    metric_fn = test_metric_fn(dataset.class_names, positive, threshold)
 
     probs_per_seed, per_seed = [], []
     for k, seed in enumerate(seed_list):
@@ -342,7 +360,7 @@ def refit(
         probs_per_seed.append(probs)
         per_seed.append({"seed": seed, **metric_fn(probs, target)})
         name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
-        save_refit_model(out_dir / name, model, study, trial, space, dataset, normalize, threshold, seed)
+        save_refit_model(out_dir / name, model, hparams, study, trial, space, dataset, normalize, threshold, seed)
         if on_seed is not None:
             on_seed(k + 1, seeds)
 
@@ -376,7 +394,13 @@ def refit(
         "seed_ensemble": metric_fn(torch.stack(probs_per_seed).mean(0), target) if seeds > 1 else None,
         "test_set_reads": test_reads(study),
     }
-    _write_predictions(out_dir / "predictions.csv", target, probs_per_seed, seed_list, dataset.class_names)
+    write_predictions(
+        out_dir / "predictions.csv",
+        target,
+        "seed",
+        list(zip(seed_list, probs_per_seed, strict=True)),
+        dataset.class_names,
+    )
     _plots(
         out_dir,
         trial,
@@ -429,9 +453,7 @@ def evaluate(
     target = torch.from_numpy(remap[split.labels])
     probs = saved.probabilities(split.images)
     threshold = saved.threshold if saved.threshold is not None else 0.5
-    metric_fn = partial(
-        evaluation_report, class_names=saved.class_names, positive_index=saved.positive_index, threshold=threshold
-    )
+    metric_fn = test_metric_fn(saved.class_names, saved.positive_index, threshold)
     metrics = metric_fn(probs, target)
     ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, n_resamples=n_bootstrap)
     out_dir = out_dir or model_path.parent / "evaluate"
@@ -451,6 +473,6 @@ def evaluate(
         plot_roc_pr(
             probs, target, positive_index=saved.positive_index, threshold=threshold, path=out_dir / "roc_pr.png"
         )
-    _write_predictions(out_dir / "predictions.csv", target, [probs], [saved.info["seed"]], saved.class_names)
+    write_predictions(out_dir / "predictions.csv", target, "seed", [(saved.info["seed"], probs)], saved.class_names)
     write_report(out_dir, report, title=f"Evaluation of {model_path} on {description}")
     return report
