@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tuner.data.cache import cache_key, cached_array
-from tuner.data.sources import Block, CsvColumns, labelled_folder_source, open_source
+from tuner.data.sources import Block, CsvColumns, Source, labelled_folder_source, open_source
 from tuner.data.splits import assign_splits
 from tuner.errors import DataError
 
@@ -167,6 +167,20 @@ def load_dataset(
     )
 
 
+def _decode_blocks(
+    src: Source, blocks: list[Block], image_size: int, channels: int, aliases: dict[str, str], cache_dir: Path
+) -> tuple[np.ndarray, list[str], np.ndarray | None, bool]:
+    """Several blocks as one: images, aliased label names, groups (if every block has them), all cached."""
+    images, labels, groups, hit = [], [], [], True
+    for block in blocks:
+        decoded, block_hit = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
+        images.append(np.asarray(decoded))
+        labels += [aliases.get(v, v) for v in block.labels]
+        groups += list(block.groups) if block.groups is not None else []
+        hit = hit and block_hit
+    return np.concatenate(images), labels, np.array(groups, dtype=object) if groups else None, hit
+
+
 def _extra_split(
     source: str,
     label: str | None,
@@ -184,19 +198,14 @@ def _extra_split(
         src = labelled_folder_source(path, label)
     else:
         src = open_source(source)
-    images, labels, hit = [], [], True
-    for block in src.blocks(True):
-        decoded, block_hit = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
-        images.append(np.asarray(decoded))
-        labels += [aliases.get(v, v) for v in block.labels]
-        hit = hit and block_hit
+    images, labels, _, hit = _decode_blocks(src, src.blocks(True), image_size, channels, aliases, cache_dir)
     unknown = sorted(set(labels) - set(index))
     if unknown:
         raise DataError(
             f"the extra training images in {source} have classes the data set does not: {', '.join(unknown)}; "
             f"its classes are {', '.join(index)}"
         )
-    return Split(np.concatenate(images), np.array([index[v] for v in labels], dtype=np.int64)), hit
+    return Split(images, np.array([index[v] for v in labels], dtype=np.int64)), hit
 
 
 def load_labelled_images(
@@ -216,18 +225,8 @@ def load_labelled_images(
     src = open_source(source, columns=columns)
     blocks = {b.name: b for b in src.blocks(True)}
     chosen = [blocks["test"]] if "test" in blocks else list(blocks.values())
-    aliases = label_aliases or {}
-    images, labels, groups = [], [], []
-    for block in chosen:
-        decoded, _ = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
-        images.append(np.asarray(decoded))
-        labels += [aliases.get(v, v) for v in block.labels]
-        groups += list(block.groups) if block.groups is not None else []
+    images, labels, groups, _ = _decode_blocks(src, chosen, image_size, channels, label_aliases or {}, cache_dir)
     names = sorted(set(labels), key=_natural_key)
     index = {name: i for i, name in enumerate(names)}
-    split = Split(
-        np.concatenate(images),
-        np.array([index[v] for v in labels], dtype=np.int64),
-        np.array(groups, dtype=object) if groups else None,
-    )
+    split = Split(images, np.array([index[v] for v in labels], dtype=np.int64), groups)
     return split, names, src.description, "test" if "test" in blocks else "all"
