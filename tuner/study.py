@@ -40,7 +40,7 @@ from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
 from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
 from tuner.space import SamplerSettings, SearchSpace, class_names_used, iter_specs, suggest
-from tuner.training import DeviceData, TrainSettings, pooled_tags, train_model
+from tuner.training import DeviceData, TrainSettings, pooled, train_model
 
 log = logging.getLogger(__name__)
 
@@ -258,8 +258,8 @@ def cv_folds(dataset: Dataset, k: int, seed: int, device: torch.device) -> list[
     """Train and validation pooled, then k stratified (grouped, when there are groups) folds."""
     labels = np.concatenate([dataset.train.labels, dataset.val.labels])
     images = np.concatenate([dataset.train.images, dataset.val.images])
-    groups = pooled_tags(dataset.train.groups, dataset.val.groups)
-    tags = pooled_tags(dataset.train.tags, dataset.val.tags)
+    groups = pooled(dataset.train.groups, dataset.val.groups)
+    tags = pooled(dataset.train.tags, dataset.val.tags)
     fold = assign_folds(labels, groups, k=k, seed=seed)
     return [
         DeviceData.build(
@@ -463,43 +463,29 @@ def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) 
 
 
 def check_space_against_data(space: SearchSpace, dataset: Dataset) -> None:
-    """Class names in per-class hyperparameters, and drop_hard / extra_ratio, need the data to match."""
+    """Class names in per-class hyperparameters, focus metrics, drop_hard and extra_ratio need the data to match."""
+    problems: list[tuple[str, str]] = []
     for name, used in class_names_used(space.specs).items():
         unknown = sorted(used - set(dataset.class_names))
         if unknown:
-            raise SpaceError(
-                "search space",
-                [
-                    (
-                        f"params.{name}",
-                        f"unknown class(es) {', '.join(unknown)}; the data's classes are "
-                        f"{', '.join(dataset.class_names)}",
-                    )
-                ],
+            classes = ", ".join(dataset.class_names)
+            problems.append(
+                (f"params.{name}", f"unknown class(es) {', '.join(unknown)}; the data's classes are {classes}")
             )
     for key, metric in (
         ("study.metric", space.study.metric),
         ("train.checkpoint_metric", space.train.checkpoint_metric),
     ):
         if metric and metric.startswith("val_focus_") and dataset.positive_index is None:
-            raise SpaceError(
-                "search space",
-                [
-                    (
-                        key,
-                        f"{metric} needs data.positive_class, the class to focus on ({', '.join(dataset.class_names)})",
-                    )
-                ],
-            )
+            classes = ", ".join(dataset.class_names)
+            problems.append((key, f"{metric} needs data.positive_class, the class to focus on ({classes})"))
     names = {spec.name for spec, _ in iter_specs(space.specs)}
     if "drop_hard" in names and space.data.hard_example_column is None:
-        raise SpaceError(
-            "search space", [("params.drop_hard", "needs data.hard_example_column (a CSV column) to be set")]
-        )
+        problems.append(("params.drop_hard", "needs data.hard_example_column (a CSV column) to be set"))
     if "extra_ratio" in names and space.data.extra_train is None:
-        raise SpaceError(
-            "search space", [("params.extra_ratio", "needs data.extra_train (a folder of extra images) to be set")]
-        )
+        problems.append(("params.extra_ratio", "needs data.extra_train (a folder of extra images) to be set"))
+    if problems:
+        raise SpaceError("search space", problems)
 
 
 def trial_summary(trial: FrozenTrial) -> dict[str, Any]:

@@ -93,7 +93,7 @@ class DeviceData:
         """Train and validation together as the training split (refit), no validation."""
         images = np.concatenate([dataset.train.images, dataset.val.images])
         labels = np.concatenate([dataset.train.labels, dataset.val.labels])
-        tags = pooled_tags(dataset.train.tags, dataset.val.tags)
+        tags = pooled(dataset.train.tags, dataset.val.tags)
         return cls.build(dataset, device, train=(images, labels), val=None, train_tags=tags)
 
     def class_index(self, name: str, hparam: str) -> int:
@@ -102,8 +102,9 @@ class DeviceData:
         return self.class_names.index(name)
 
 
-def pooled_tags(*tags: np.ndarray | None) -> np.ndarray | None:
-    return None if any(t is None for t in tags) else np.concatenate(tags)
+def pooled(*parts: np.ndarray | None) -> np.ndarray | None:
+    """Per-item arrays (groups, tags) of several splits joined; None unless every split has one."""
+    return None if any(p is None for p in parts) else np.concatenate(parts)
 
 
 def _extra_indices(extra_labels: np.ndarray, train_labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
