@@ -35,20 +35,18 @@ from tuner.refit import (
     load_test_data,
     prepare_out_dir,
     record_test_read,
-    refit_settings,
+    refit_one,
     replay_hparams,
-    save_refit_model,
     study_space,
     summarize,
     test_metric_fn,
-    test_probabilities,
     test_reads,
     write_predictions,
 )
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
 from tuner.study import STUDIES_DIR, train_settings
-from tuner.training import DeviceData, model_normalization, train_model
+from tuner.training import DeviceData, train_model
 
 log = logging.getLogger(__name__)
 
@@ -133,22 +131,23 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
         log.warning(
             "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)", m.name, replayed, m.trial.value
         )
-    model, _ = train_model(
+    test_probs = refit_one(
+        out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt",
         hparams,
+        m.study,
+        m.trial,
+        m.space,
+        dataset,
         DeviceData.train_and_val(dataset, device),
-        refit_settings(m.space),
         seed=seed,
         epochs=int(m.trial.user_attrs["best_epoch"]),
+        threshold=m.trial.user_attrs.get("threshold"),
     )
-    normalize = model_normalization(model, hparams.model, dataset.channels)
-    threshold = m.trial.user_attrs.get("threshold")
-    path = out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt"
-    save_refit_model(path, model, hparams, m.study, m.trial, m.space, dataset, normalize, threshold, seed)
     return MemberOutput(
         replayed=replayed,
         val_probs=result.best_val_probs.cpu(),
         val_target=result.val_targets.cpu(),
-        test_probs=test_probabilities(model, dataset, normalize, device),
+        test_probs=test_probs,
     )
 
 

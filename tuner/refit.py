@@ -218,7 +218,28 @@ def refit_settings(space: SearchSpace) -> TrainSettings:
     )
 
 
-def save_refit_model(
+def refit_one(
+    path: Path,
+    hparams: Hyperparameters,
+    study: optuna.Study,
+    trial: FrozenTrial,
+    space: SearchSpace,
+    dataset: Dataset,
+    data_tv: DeviceData,
+    *,
+    seed: int,
+    epochs: int,
+    threshold: float | None,
+) -> torch.Tensor:
+    """Train ``trial`` on train+val (``data_tv``) for ``epochs`` with ``seed``, save the model to ``path``
+    and return its test-split probabilities."""
+    model, _ = train_model(hparams, data_tv, refit_settings(space), seed=seed, epochs=epochs)
+    normalize = model_normalization(model, hparams.model, dataset.channels)
+    _save_refit_model(path, model, hparams, study, trial, space, dataset, normalize, threshold, seed)
+    return test_probabilities(model, dataset, normalize, data_tv.train.images.device)
+
+
+def _save_refit_model(
     path: Path,
     model: torch.nn.Module,
     hparams: Hyperparameters,
@@ -342,7 +363,6 @@ def refit(
     assert dataset.test is not None
     torch_device = resolve_device(device or space.train.device)
     data_tv = DeviceData.train_and_val(dataset, torch_device)
-    settings = refit_settings(space)
     epochs = int(trial.user_attrs["best_epoch"])
     threshold = trial.user_attrs.get("threshold")
     positive = dataset.positive_index
@@ -354,13 +374,21 @@ def refit(
 
     probs_per_seed, per_seed = [], []
     for k, seed in enumerate(seed_list):
-        model, _ = train_model(hparams, data_tv, settings, seed=seed, epochs=epochs)
-        normalize = model_normalization(model, hparams.model, dataset.channels)
-        probs = test_probabilities(model, dataset, normalize, torch_device)
+        name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
+        probs = refit_one(
+            out_dir / name,
+            hparams,
+            study,
+            trial,
+            space,
+            dataset,
+            data_tv,
+            seed=seed,
+            epochs=epochs,
+            threshold=threshold,
+        )
         probs_per_seed.append(probs)
         per_seed.append({"seed": seed, **metric_fn(probs, target)})
-        name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
-        save_refit_model(out_dir / name, model, hparams, study, trial, space, dataset, normalize, threshold, seed)
         if on_seed is not None:
             on_seed(k + 1, seeds)
 
