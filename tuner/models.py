@@ -116,6 +116,11 @@ def _hub_cache() -> Path:
     return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
 
 
+def _torch_hub_file(url: str) -> Path:
+    """Where ``torch.hub`` keeps (or would keep) the weights downloaded from ``url``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+
+
 def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     """The local file holding ``name``'s pretrained weights, or a clear error saying which file to fetch.
 
@@ -137,7 +142,7 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     tv_name = torchvision_name(name)
     if tv_name is not None:
         url = torchvision.models.get_model_weights(tv_name).DEFAULT.url
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        cached = _torch_hub_file(url)
         if cached.is_file():
             return cached
         raise TunerError(
@@ -158,7 +163,7 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
                 return Path(found)
             wanted.append(f"https://huggingface.co/{repo}/resolve/main/{filename}")
     if cfg.url:
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        cached = _torch_hub_file(cfg.url)
         if cached.is_file():
             return cached
         wanted.append(cfg.url)
