@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -117,7 +118,59 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
     _check_outcome(_study("lite", url), 4, epochs=15)
 
 
-def test_several_workers_on_sqlite_are_refused_with_the_alternatives(workdir):
-    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", tiny_space()), "--workers", "2")
+def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
+    """No database server: two local workers on sqlite:///studies/<study>.db. The parent sees a worker die
+    and fails, re-queues and replaces at once; the heartbeat (60 s by default) is never waited for."""
+    path = write_space(workdir / "s.yaml", _space("local", 8))
+    url = f"sqlite:///{workdir}/studies/local.db"
+    proc = _tuner("optimize", "--space", str(path), "--workers", "2", cwd=workdir)
+    try:
+        victim = _wait_for_running("local", url)
+        assert victim in _children(proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = datetime.now()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 0, output
+    said = " ".join(output.split())  # log lines are wrapped
+    assert f"pid {victim}) died with exit code -9" in said and "failed and re-queued" in said, output
+    assert "Warning" not in said, output
+    study = _study("local", url)
+    _check_outcome(study, 8)
+    failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
+    assert all((t.datetime_complete - killed_at).total_seconds() < 15 for t in failed), (
+        "failed at once, not by heartbeat"
+    )
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    assert {t.user_attrs["threads"] for t in finished} == {1}, "two workers on two cores: one thread each"
+
+
+def test_workers_per_gpu_each_see_only_their_gpu(workdir):
+    """--gpus 0,1 --workers-per-gpu 2: four workers, two per GPU, each with CUDA_VISIBLE_DEVICES set to its
+    own GPU, as the trials it ran recorded from its environment (trained on the CPU here: no GPU)."""
+    path = write_space(workdir / "s.yaml", _space("gpus", 12, epochs=4))
+    proc = _tuner(
+        "optimize", "--space", str(path), "--gpus", "0,1", "--workers-per-gpu", "2", "--device", "cpu", cwd=workdir
+    )
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output
+    trials = _study("gpus", f"sqlite:///{workdir}/studies/gpus.db").get_trials(deepcopy=False)
+    assert len(trials) == 12
+    gpu_of: dict[str, set[str]] = {}
+    for t in trials:
+        gpu_of.setdefault(t.user_attrs["worker"], set()).add(t.user_attrs["visible_gpus"])
+        assert t.user_attrs["threads"] == 1  # four workers share two cores
+    assert all(len(gpus) == 1 for gpus in gpu_of.values()), gpu_of  # a worker never changes GPU
+    seen = [next(iter(g)) for g in gpu_of.values()]
+    assert set(seen) <= {"0", "1"} and len(gpu_of) <= 4
+    assert all(seen.count(g) <= 2 for g in ("0", "1")), gpu_of  # at most two workers per GPU
+
+
+def test_workers_must_match_the_gpu_slots(workdir):
+    path = write_space(workdir / "s.yaml", tiny_space())
+    result = invoke("optimize", "--space", path, "--gpus", "0,1", "--workers-per-gpu", "2", "--workers", "3")
     assert result.exit_code == 2
-    assert "needs a database server" in result.stderr and "postgresql://" in result.stderr
+    assert "--workers 3 does not match" in result.stderr and "4 workers" in result.stderr
+    result = invoke("optimize", "--space", path, "--workers-per-gpu", "2")
+    assert result.exit_code == 2 and "needs --gpus" in result.stderr

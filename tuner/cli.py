@@ -136,10 +136,29 @@ def optimize(
     max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", help="Overrides train.max_epochs.")] = None,
     cache_dir: CacheDirOpt = Path("studies/cache"),
     workers: Annotated[
-        int, typer.Option("--workers", "-w", help="Worker processes on this machine (needs a database server).")
-    ] = 1,
+        Optional[int],
+        typer.Option(
+            "--workers",
+            "-w",
+            help="Worker processes on this machine (default 1, or one per GPU slot).",
+            show_default=False,
+        ),
+    ] = None,
     gpus: Annotated[
-        Optional[str], typer.Option("--gpus", help="Comma-separated GPU ids, one worker per GPU in turn, e.g. 0,1,2,3.")
+        Optional[str],
+        typer.Option("--gpus", help="Comma-separated GPU ids, e.g. 0,1,2,3; each worker sees only its GPU."),
+    ] = None,
+    workers_per_gpu: Annotated[
+        int,
+        typer.Option("--workers-per-gpu", help="Workers sharing each GPU of --gpus (small images leave GPUs idle)."),
+    ] = 1,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(
+            "--threads",
+            help="Threads per worker; default OMP_NUM_THREADS, else the cores divided among the workers.",
+            show_default=False,
+        ),
     ] = None,
     join: Annotated[
         bool, typer.Option("--join", help="Add no trials: help finish the study's remaining ones (another machine).")
@@ -206,6 +225,8 @@ def optimize(
                 artifacts_dir=artifacts,
                 workers=workers,
                 gpus=_parse_gpus(gpus),
+                workers_per_gpu=workers_per_gpu,
+                threads=threads,
                 join=join,
                 heartbeat=heartbeat,
             )

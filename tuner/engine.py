@@ -45,12 +45,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA where supported, fp16 otherwise; off on CPU (slower there)."""
-    if not enabled or device.type != "cuda":
+def default_amp_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device has it (CPUs, recent GPUs); fp16 on older GPUs, which then need a gradient scaler."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Mixed precision in ``dtype`` on ``device``; ``None``: full precision."""
+    if dtype is None:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -86,9 +92,9 @@ def predict(
     *,
     to_probs: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: nn.Module | None = None,
-    amp: bool = False,
+    amp: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Probabilities, targets and mean loss over ``batches`` (model in eval mode)."""
+    """Probabilities, targets and mean loss over ``batches`` (model in eval mode; ``amp``: autocast dtype)."""
     model.eval()
     probs, targets = [], []
     loss_sum, count = None, 0
@@ -100,7 +106,7 @@ def predict(
             batch_loss = loss_fn(logits, y) * len(y)
             loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
         count += len(y)
-        probs.append(to_probs(logits))
+        probs.append(to_probs(logits.float()))
         targets.append(y)
     mean_loss = float(loss_sum) / count if loss_sum is not None and count else float("nan")
     return torch.cat(probs), torch.cat(targets), mean_loss
@@ -115,7 +121,7 @@ def train_one_epoch(
     schedule: LRSchedule,
     accumulate_steps: int = 1,
     grad_clip: float = 0.0,
-    amp: bool = False,
+    amp: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One pass; returns the summed loss (a device tensor, not synced) and the number of images."""
@@ -179,16 +185,20 @@ def fit(
     accumulate_steps: int = 1,
     grad_clip: float = 0.0,
     amp: bool = False,
+    amp_dtype: torch.dtype | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches.
 
     Without ``val_batches`` (a refit on train+val) nothing is validated, ``monitor`` may only
     be ``train_loss`` and the last epoch is the one kept.
+
+    ``amp``: mixed precision in ``amp_dtype`` (default: the device's, see :func:`default_amp_dtype`);
+    fp16 brings a gradient scaler, which skips the steps whose gradients overflowed.
     """
     device = next(model.parameters()).device
-    use_scaler = amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+    dtype = (amp_dtype or default_amp_dtype(device)) if amp else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     sign = 1.0 if mode == "max" else -1.0
@@ -209,7 +219,7 @@ def fit(
             schedule=schedule,
             accumulate_steps=accumulate_steps,
             grad_clip=grad_clip,
-            amp=amp,
+            amp=dtype,
             scaler=scaler,
         )
         train_loss = float(loss_sum) / max(images, 1)  # one sync per epoch
@@ -218,7 +228,7 @@ def fit(
         train_done = time.perf_counter()
         metrics = {"train_loss": train_loss}
         if val_batches is not None:
-            probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=amp)
+            probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=dtype)
             metrics["val_loss"] = val_loss
             metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]

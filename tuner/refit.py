@@ -215,6 +215,7 @@ def refit_settings(space: SearchSpace) -> TrainSettings:
         amp=space.train.amp,
         channels_last=space.train.channels_last,
         eval_batch_size=space.train.eval_batch_size,
+        min_batch_size=space.train.min_batch_size,
     )
 
 

@@ -206,6 +206,7 @@ class TrainSettings(_Frozen):
     channels_last: bool = True
     seed: int = 0
     eval_batch_size: Annotated[int, Field(ge=1)] = 512
+    min_batch_size: Annotated[int, Field(ge=1)] = 8  # out of memory: retry at half the batch size down to this
 
 
 # ---------------------------------------------------------------- parameters
@@ -319,7 +320,8 @@ class SearchSpace(_Frozen):
     def fingerprint(self) -> str:
         """Hash of everything that defines the experiment (not of n_trials / timeout / device)."""
         content = self.model_dump(mode="json", exclude={"study": {"n_trials", "timeout", "name"}})
-        content["train"].pop("device", None)
+        for resource in ("device", "min_batch_size"):  # where it runs, not what it computes
+            content["train"].pop(resource, None)
         text = json.dumps(content, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -10,11 +10,9 @@ study goes on.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import os
-import socket
 import tempfile
 import time
 import warnings
@@ -39,8 +37,9 @@ from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
 from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
+from tuner.resources import GPU_ENV, worker_name
 from tuner.space import SamplerSettings, SearchSpace, class_names_used, iter_specs, suggest
-from tuner.training import DeviceData, TrainSettings, pooled, train_model
+from tuner.training import DeviceData, OutOfMemory, TrainSettings, free_memory, pooled, train_model
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,14 @@ def redact(url: str) -> str:
         return "<malformed storage URL>"
 
 
-class _OnStale:
+class OnStaleTrial:
     """Heartbeat-stale trial: run ``first`` (tuner's bookkeeping), then Optuna's retry (re-queue its params)."""
 
     def __init__(self, first: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
         self.first = first
-        self.retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        with warnings.catch_warnings():  # experimental in Optuna; it is what retries a dead worker's trial
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         if self.first is not None:
@@ -110,13 +111,16 @@ def open_storage(
             with warnings.catch_warnings():
                 # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(
+                storage = RDBStorage(
                     url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat,
                     grace_period=3 * heartbeat,
-                    heartbeat_stale_trial_callback=_OnStale(on_stale),
+                    heartbeat_stale_trial_callback=OnStaleTrial(on_stale),
                 )
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                _write_ahead_log(storage)
+            return storage
         except sqlalchemy.exc.IntegrityError:
             # Two processes creating the schema at once: the loser finds the tables on a second try.
             time.sleep(0.5 * (attempt + 1))
@@ -126,6 +130,15 @@ def open_storage(
                 f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
             ) from None
     raise StorageError(f"cannot open the study storage {redact(url)}: the schema could not be created")
+
+
+def _write_ahead_log(storage: RDBStorage) -> None:
+    """SQLite in write-ahead-log mode: readers (the dashboard, the parent's progress, other workers)
+    never block the writer, and a writer waits its turn (the connection's 60 s busy timeout) instead
+    of failing. Writes are short (a trial's report, a heartbeat), so a handful of local worker
+    processes share one file. The mode is stored in the file; setting it again is a no-op."""
+    with storage.engine.connect() as con:
+        con.exec_driver_sql("PRAGMA journal_mode=WAL")
 
 
 def load_existing_study(study_name: str, storage: str | None) -> optuna.Study:
@@ -251,6 +264,7 @@ def train_settings(space: SearchSpace) -> TrainSettings:
         amp=space.train.amp,
         channels_last=space.train.channels_last,
         eval_batch_size=space.train.eval_batch_size,
+        min_batch_size=space.train.min_batch_size,
     )
 
 
@@ -306,7 +320,10 @@ class Objective:
         """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value."""
         trial.set_user_attr("seed", seed)
         trial.set_user_attr("hparams", hparams.model_dump(mode="json"))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # which machine and process ran it
+        trial.set_user_attr("worker", worker_name())  # which machine and process ran it
+        trial.set_user_attr("threads", torch.get_num_threads())
+        if os.environ.get(GPU_ENV) is not None:
+            trial.set_user_attr("visible_gpus", os.environ[GPU_ENV])  # the GPU(s) that worker was given
         history: dict[str, list[float]] = {}
         try:
             if self.folds:
@@ -316,17 +333,31 @@ class Objective:
             trial.set_user_attr("history", history)
             trial.set_user_attr("prune_reason", str(err))
             raise optuna.TrialPruned(str(err)) from None
-        except torch.cuda.OutOfMemoryError:
-            # Leave the except block before freeing: the traceback holds the trial's tensors.
-            reason = f"CUDA out of memory (model={hparams.model}, batch_size={hparams.batch_size})"
+        except OutOfMemory as err:
+            # Infeasible here, not broken: pruned (not failed), so the sampler learns to avoid it
+            # and the trial counts towards the total instead of being replaced and retried.
+            trial.set_user_attr("history", history)
+            trial.set_user_attr("prune_reason", str(err))
+            trial.set_user_attr("infeasible", True)
+            raise optuna.TrialPruned(str(err)) from None
         except TunerError as err:
             reason = str(err)
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory()
         trial.set_user_attr("history", history)
         trial.set_user_attr("fail_reason", reason)
         raise TrialFault(reason)
+
+    def _retry(self, trial: Any, history: dict) -> Callable[[Hyperparameters], None]:
+        """Out of memory: the run starts over at a smaller batch size; record each one tried."""
+
+        def on_retry(smaller: Hyperparameters) -> None:
+            history.clear()
+            tried = [*trial.user_attrs.get("out_of_memory_at", []), smaller.batch_size * 2]
+            trial.set_user_attr("out_of_memory_at", tried)
+            trial.set_user_attr("batch_size_run", smaller.batch_size)
+            trial.set_user_attr("accumulate_steps_run", smaller.accumulate_steps)
+
+        return on_retry
 
     def _prune(self, trial: Any, history: dict, reason: str, value: float) -> None:
         trial.set_user_attr("history", history)
@@ -343,7 +374,9 @@ class Objective:
             if trial.should_prune():
                 self._prune(trial, history, f"pruned at epoch {epoch}", value)
 
-        _, result = train_model(hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch)
+        _, result = train_model(
+            hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch, on_retry=self._retry(trial, history)
+        )
         self._record(trial, result, result.history, result.best_epoch)
         self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
         return self._value(result)
@@ -356,7 +389,7 @@ class Objective:
         values, epochs, probs, targets = [], [], [], []
         first = None
         for fold, data in enumerate(self.folds):
-            _, result = train_model(hparams, data, self.settings, seed=seed, on_epoch=None)
+            _, result = train_model(hparams, data, self.settings, seed=seed, on_retry=self._retry(trial, history))
             first = first or result
             value = self._value(result)
             values.append(value)

@@ -6,10 +6,12 @@ from hyperparameters to a trained model, so refit replays a trial exactly.
 
 from __future__ import annotations
 
+import gc
+import logging
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
@@ -26,6 +28,12 @@ from tuner.losses import build_loss, logits_to_probs, num_outputs
 from tuner.metrics import classification_metrics
 from tuner.models import BUILTIN_MODELS, Classifier, build_model
 from tuner.optim import LRSchedule, build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class OutOfMemory(TunerError):
+    """Out of device memory even at the smallest batch size allowed: the configuration is infeasible here."""
 
 
 def seed_everything(seed: int) -> int:
@@ -161,9 +169,19 @@ class TrainSettings:
     patience: int | None
     monitor: str
     mode: str  # "max" or "min"
-    amp: bool = True
-    channels_last: bool = True
+    amp: bool = True  # mixed precision on CUDA (bf16, else fp16 with a gradient scaler)
+    channels_last: bool = True  # on CUDA
     eval_batch_size: int = 512
+    min_batch_size: int = 8  # out of memory: retry at half the batch size down to this
+    # Run the CUDA-only options (AMP as CPU bf16 autocast, channels_last) on any device: tests and
+    # CPUs with bf16 units.
+    amp_everywhere: bool = False
+
+    def uses_amp(self, device: torch.device) -> bool:
+        return self.amp and (device.type == "cuda" or self.amp_everywhere)
+
+    def uses_channels_last(self, device: torch.device) -> bool:
+        return self.channels_last and (device.type == "cuda" or self.amp_everywhere)
 
 
 def model_normalization(model: Classifier, name: str, channels: int) -> Normalize:
@@ -219,7 +237,7 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
     """Model, training pool and sampler, loss, optimizer, LR schedule and augmentation, on the data's device."""
     seed_everything(seed)
     device = data.train.images.device
-    channels_last = settings.channels_last and device.type == "cuda"
+    channels_last = settings.uses_channels_last(device)
     model = build_classifier(hparams, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
@@ -271,6 +289,13 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
     )
 
 
+def free_memory() -> None:
+    """Give a failed run's tensors back (call outside the ``except`` block: its traceback holds them)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def train_model(
     hparams: Hyperparameters,
     data: DeviceData,
@@ -279,14 +304,49 @@ def train_model(
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     epochs: int | None = None,
+    on_retry: Callable[[Hyperparameters], None] | None = None,
 ) -> tuple[Classifier, FitResult]:
     """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both.
 
     ``epochs`` stops training early (refit) while the LR schedule stays planned over
     ``settings.max_epochs``, so those epochs follow exactly the trial's schedule.
+
+    Out of device memory, the run starts again at half the batch size with twice the gradient
+    accumulation (the same images per optimizer step) and half the evaluation batch size, down to
+    ``settings.min_batch_size``; ``on_retry`` is told the hyperparameters of each new attempt.
+    Below the floor it raises :class:`OutOfMemory`.
     """
+    while True:
+        try:
+            return _train_once(hparams, data, settings, seed=seed, on_epoch=on_epoch, epochs=epochs)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the failed run's frames are gone
+        free_memory()
+        smaller = hparams.batch_size // 2
+        if smaller < settings.min_batch_size:
+            raise OutOfMemory(
+                f"out of memory at batch_size={hparams.batch_size} (model={hparams.model}); half of it is "
+                f"below train.min_batch_size={settings.min_batch_size}"
+            )
+        log.warning("out of memory at batch_size=%d; trying %d", hparams.batch_size, smaller)
+        hparams = hparams.model_copy(update={"batch_size": smaller, "accumulate_steps": 2 * hparams.accumulate_steps})
+        settings = replace(settings, eval_batch_size=max(1, settings.eval_batch_size // 2))
+        if on_retry is not None:
+            on_retry(hparams)
+
+
+def _train_once(
+    hparams: Hyperparameters,
+    data: DeviceData,
+    settings: TrainSettings,
+    *,
+    seed: int,
+    on_epoch: Callable[[int, dict[str, float]], None] | None,
+    epochs: int | None,
+) -> tuple[Classifier, FitResult]:
     c = build_components(hparams, data, settings, seed)
-    channels_last = settings.channels_last and data.train.images.device.type == "cuda"
+    device = data.train.images.device
+    channels_last = settings.uses_channels_last(device)
     generator = torch.Generator().manual_seed(seed)
 
     def train_batches(epoch: int):  # noqa: ANN202
@@ -326,7 +386,7 @@ def train_model(
         patience=settings.patience,
         accumulate_steps=hparams.accumulate_steps,
         grad_clip=hparams.grad_clip,
-        amp=settings.amp,
+        amp=settings.uses_amp(device),
         on_epoch=on_epoch,
     )
     result.train_counts = np.bincount(c.pool_labels, minlength=data.num_classes).tolist()

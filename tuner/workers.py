@@ -11,13 +11,21 @@ re-queues the same parameters (Optuna's ``RetryHeartbeatStaleTrialCallback``),
 and whoever claims next runs the retry. A trial that crashes with an
 unexpected exception is re-queued up to :data:`MAX_CRASH_RETRIES` times;
 deterministic faults (a bad combination, CUDA out of memory) are not.
+
+Workers that this process spawned are watched: when one dies (killed,
+crashed), its running trial is failed and re-queued at once, without waiting
+for missed heartbeats, and a replacement worker is started. Each worker takes
+its share of the cores (:mod:`tuner.resources`) and, with ``--gpus``, sees only
+its GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,10 +37,12 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.data import Dataset
 from tuner.engine import resolve_device
 from tuner.errors import StorageError, TunerError
+from tuner.resources import gpu_slots, see_only_gpu, threads_per_worker, use_threads, worker_name
 from tuner.space import SearchSpace
 from tuner.study import (
     STUDIES_DIR,
     Objective,
+    OnStaleTrial,
     build_pruner,
     build_sampler,
     cv_folds,
@@ -48,6 +58,8 @@ log = logging.getLogger(__name__)
 
 MAX_CRASH_RETRIES = 2
 MAX_FAILURES_IN_A_ROW = 5
+WORKER_STOPPED = 3  # exit code of a worker that stopped on purpose, with its reason logged
+MAX_RESPAWNS = 3  # per worker slot: a worker that keeps dying is not restarted for ever
 POLL_SECONDS = 1.0
 _metadata = sa.MetaData()
 _budget = sa.Table(
@@ -150,6 +162,26 @@ def _give_back_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     TrialBudget(study).give_back()
 
 
+def fail_trials_of_dead_worker(study: optuna.Study, pid: int) -> list[int]:
+    """Fail the running trials of worker ``pid`` (known to be dead), give their starts back and re-queue
+    them, as a heartbeat timeout would, but at once. Returns the failed trial numbers."""
+    storage = study._storage
+    name = worker_name(pid)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.user_attrs.get("worker") != name:
+            continue
+        try:
+            storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"worker {name} died")
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # a heartbeat check elsewhere got there first and did the same
+        OnStaleTrial(_give_back_stale)(study, storage.get_trial(trial._trial_id))
+        failed.append(trial.number)
+    return failed
+
+
 def work(
     space: SearchSpace,
     *,
@@ -160,8 +192,17 @@ def work(
     heartbeat: int = 60,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     dataset: Dataset | None = None,
+    threads: int | None = None,
+    gpu: int | None = None,
 ) -> None:
-    """One worker: claim a start, run one trial, repeat until the budget is spent and nothing is left running."""
+    """One worker: claim a start, run one trial, repeat until the budget is spent and nothing is left running.
+
+    ``threads``: this worker's torch / BLAS threads; ``gpu``: the one GPU it sees (as ``cuda``).
+    """
+    if gpu is not None:
+        see_only_gpu(gpu)
+    if threads is not None:
+        use_threads(threads)
     dataset = dataset or prepare(space, cache_dir=cache_dir)
     storage = open_storage(storage_url, heartbeat=heartbeat, on_stale=_give_back_stale)
     sampler_settings = space.study.sampler.model_copy(update={"seed": space.study.sampler.seed + sampler_seed_offset})
@@ -210,7 +251,9 @@ def work(
                 log.warning("a trial of this worker was taken over as stale (missed heartbeats); continuing")
         elif _open_trials(study):
             # Others are still running: one may fail or go stale and free a start, or be re-queued.
-            optuna.storages.fail_stale_trials(study)
+            with warnings.catch_warnings():  # experimental in Optuna, and what finds a dead worker's trial
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
             time.sleep(POLL_SECONDS)
         else:
             return
@@ -223,6 +266,9 @@ def _worker_main(kwargs: dict) -> None:
         work(**kwargs)
     except KeyboardInterrupt:
         pass
+    except TunerError as err:  # a deliberate stop (e.g. every trial failing): not a death to recover from
+        log.error("%s", err)
+        sys.exit(WORKER_STOPPED)
 
 
 def run_optimize(
@@ -233,23 +279,29 @@ def run_optimize(
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     dataset: Dataset | None = None,
     artifacts_dir: Path | None = None,
-    workers: int = 1,
+    workers: int | None = None,
     gpus: Sequence[int] = (),
+    workers_per_gpu: int = 1,
+    threads: int | None = None,
     join: bool = False,
     heartbeat: int = 60,
 ) -> optuna.Study:
     """Add ``space.study.n_trials`` trials to the study (creating it if needed) with ``workers`` processes.
 
-    ``join`` adds nothing and helps finish what other workers (other machines) are running.
+    With ``gpus``, ``workers_per_gpu`` workers run on each GPU, each seeing only its own. Each worker
+    takes ``threads`` threads, by default its share of the cores. ``join`` adds nothing and helps
+    finish what other workers (other machines) are running.
     """
-    if workers < 1:
-        raise StorageError(f"workers must be at least 1, but got workers={workers}")
-    if workers > 1 and parse_storage_url(storage_url).get_backend_name() == "sqlite":
-        raise StorageError(
-            f"--workers {workers} needs a database server: SQLite takes one writer at a time and its locks stall "
-            "heartbeats under several processes; use --storage postgresql://user@host/db (see README), "
-            "or one worker per SQLite study"
+    slots = gpu_slots(list(gpus), workers_per_gpu)
+    if slots and workers not in (None, len(slots)):
+        raise TunerError(
+            f"--workers {workers} does not match --gpus with --workers-per-gpu {workers_per_gpu} "
+            f"({len(slots)} workers); leave --workers out"
         )
+    n_workers = len(slots) or workers or 1
+    if n_workers < 1:
+        raise StorageError(f"workers must be at least 1, but got workers={n_workers}")
+    threads = threads_per_worker(n_workers, threads)
     if join:
         _check_joinable(space.study.name, storage_url)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
@@ -257,36 +309,52 @@ def run_optimize(
     budget = TrialBudget(study)
     if not join:
         budget.add(space.study.n_trials, others_running=_open_trials(study))
-    common = {
-        "space": space,
-        "storage_url": storage_url,
-        "cache_dir": cache_dir,
-        "heartbeat": heartbeat,
-    }
-    if workers == 1:
-        device = f"cuda:{gpus[0]}" if gpus else None
-        work(**common, device=device, callbacks=callbacks, dataset=dataset)
+    common = {"space": space, "storage_url": storage_url, "cache_dir": cache_dir, "heartbeat": heartbeat}
+    if n_workers == 1:
+        gpu = slots[0] if slots else None
+        work(**common, callbacks=callbacks, dataset=dataset, threads=threads, gpu=gpu)
         return study
 
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    processes = []
-    for i in range(workers):
-        device = f"cuda:{gpus[i % len(gpus)]}" if gpus else None
-        kwargs = {**common, "device": device, "sampler_seed_offset": i}
+    def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
+        # Sampler seeds differ per worker and per replacement, so no two draw the same sequence.
+        kwargs = {**common, "sampler_seed_offset": i + n_workers * respawn, "threads": threads}
+        kwargs["gpu"] = slots[i] if slots else None
         proc = context.Process(target=_worker_main, args=(kwargs,), name=f"worker-{i}")
         proc.start()
-        processes.append(proc)
+        return proc
+
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    running = {i: start(i, 0) for i in range(n_workers)}
+    respawns = dict.fromkeys(running, 0)
     seen: set[int] = set()
     try:
-        while any(p.is_alive() for p in processes):
+        while running:
+            for i, proc in list(running.items()):
+                if proc.is_alive():
+                    continue
+                del running[i]
+                if proc.exitcode in (0, WORKER_STOPPED):
+                    continue
+                _recover(study, proc, i)
+                if respawns[i] < MAX_RESPAWNS and (budget.left() > 0 or _open_trials(study)):
+                    respawns[i] += 1
+                    running[i] = start(i, respawns[i])
             _report_new(study, seen, callbacks)
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
-        for proc in processes:
+        for proc in running.values():
             proc.join(timeout=30)
         raise
     _report_new(study, seen, callbacks)
     return study
+
+
+def _recover(study: optuna.Study, proc: multiprocessing.process.BaseProcess, slot: int) -> None:
+    """A worker died (killed, crashed): its running trial is failed and re-queued now, not after
+    three missed heartbeats."""
+    failed = fail_trials_of_dead_worker(study, proc.pid or 0)
+    what = f"; trial {', '.join(map(str, failed))} failed and re-queued" if failed else ""
+    log.warning("worker %d (pid %s) died with exit code %s%s; starting another", slot, proc.pid, proc.exitcode, what)
 
 
 def _check_joinable(study_name: str, storage_url: str) -> None:
