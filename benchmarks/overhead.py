@@ -107,11 +107,11 @@ def main() -> None:
     tuner_cmd = [sys.executable, "-m", "tuner", "optimize", "--space", str(HERE / "overhead.yaml"), "--data", data]
     tuner_cmd += ["--n-trials", str(args.trials), "--max-epochs", str(args.epochs)]
     # Decode once, as any second run of a study finds it: the cache is part of tuner's design.
-    subprocess.run([sys.executable, "-m", "tuner", "data", "inspect", "--data", data], cwd=work, check=True, capture_output=True)
+    inspect = [sys.executable, "-m", "tuner", "data", "inspect", "--space", str(HERE / "overhead.yaml"), "--data", data]
+    subprocess.run(inspect, cwd=work, check=True, capture_output=True)
     ratios, rows = [], []
     try:
         for round_ in range(args.rounds):
-            shutil.rmtree(work / "studies" / "overhead.db", ignore_errors=True)
             for leftover in (work / "studies").glob("overhead*"):
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             order = ("plain", "tuner") if round_ % 2 == 0 else ("tuner", "plain")

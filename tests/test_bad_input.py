@@ -140,7 +140,9 @@ CASES = [
         "cannot open the study storage postgresql://tuner:***@127.0.0.1:9/tuner",
     ),
     ("bad --gpus", ["--gpus", "zero,one"], {}, "--gpus must be comma-separated GPU ids"),
-    ("several workers on SQLite", ["--workers", "3"], {}, "--workers 3 needs a database server"),
+    ("workers per GPU without GPUs", ["--workers-per-gpu", "2"], {}, "--workers-per-gpu needs --gpus"),
+    ("no threads", ["--threads", "0"], {}, "threads must be at least 1, but got threads=0"),
+    ("workers against GPU slots", ["--gpus", "0", "--workers", "2"], {}, "--workers 2 does not match --gpus"),
     ("join a study that does not exist", ["--join"], {}, "no study 'tiny' to join"),
 ]
 

@@ -174,3 +174,22 @@ def test_workers_must_match_the_gpu_slots(workdir):
     assert "--workers 3 does not match" in result.stderr and "4 workers" in result.stderr
     result = invoke("optimize", "--space", path, "--workers-per-gpu", "2")
     assert result.exit_code == 2 and "needs --gpus" in result.stderr
+
+
+def test_a_local_study_moves_to_postgres_with_one_command(postgres_url, workdir):
+    path = write_space(workdir / "s.yaml", tiny_space(study={"name": "moving", "n_trials": 2, "artifacts": False}))
+    assert invoke("optimize", "--space", path).exit_code == 0
+    result = invoke("copy", "--study", "moving", "--to", postgres_url)
+    assert result.exit_code == 0, result.output
+    local, moved = _study("moving", f"sqlite:///{workdir}/studies/moving.db"), _study("moving", postgres_url)
+
+    def content(study: optuna.Study) -> list:
+        return [(t.number, t.state, t.value, t.params, t.user_attrs, t.intermediate_values) for t in study.trials]
+
+    assert content(moved) == content(local) and moved.user_attrs == local.user_attrs
+    # It carries on there: the same space is recognised and trials are added after the copied ones.
+    result = invoke("optimize", "--space", path, "--storage", postgres_url, "--n-trials", "1")
+    assert result.exit_code == 0, result.output
+    assert [t.number for t in _study("moving", postgres_url).trials] == [0, 1, 2]
+    again = invoke("copy", "--study", "moving", "--to", postgres_url)
+    assert again.exit_code == 2 and "already exists" in again.stderr

@@ -369,6 +369,25 @@ def best(
 
 @app.command()
 @user_errors
+def copy(
+    study: StudyOpt,
+    to: Annotated[str, typer.Option("--to", help="The storage to copy to, e.g. postgresql://user@host/db.")],
+    storage: StorageOpt = None,
+) -> None:
+    """Copy a study to another storage (e.g. the local SQLite file to PostgreSQL), trials and history included."""
+    from tuner.study import copy_study, redact
+
+    copied = copy_study(study, storage, to)
+    out.print(
+        f"copied study {study} ({len(copied.trials)} trials) to {redact(to)}; continue it with "
+        f"--storage '{redact(to)}' (artifacts stay in {copied.user_attrs.get('artifact_dir')})",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
 def dashboard(
     study: StudyOpt,
     storage: StorageOpt = None,

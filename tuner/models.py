@@ -13,13 +13,13 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import timm
 import torch
-import torchvision
-from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from tuner.errors import TunerError
+
+# timm and torchvision are imported where a model of theirs is asked for: importing them takes seconds
+# (torchvision pulls in torch's compiler stack), which every worker and every small-CNN study would pay.
 
 POOLINGS = ("avg", "max", "flatten")
 
@@ -91,16 +91,25 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def torchvision_name(name: str) -> str | None:
     """The torchvision classification model ``name`` stands for, if timm does not have it first."""
+    if name in BUILTIN_MODELS:
+        return None
+    import timm
+    import torchvision
+
     if name.startswith(TORCHVISION_PREFIX):
         name = name[len(TORCHVISION_PREFIX) :]
-    elif name in BUILTIN_MODELS or timm.is_model(name):
+    elif timm.is_model(name):
         return None
     return name if name in torchvision.models.list_models(module=torchvision.models) else None
 
 
 def check_model_name(name: str) -> None:
     """Raise a clear error unless ``name`` is a built-in, a timm or a torchvision model."""
-    if name in BUILTIN_MODELS or timm.is_model(name) or torchvision_name(name):
+    if name in BUILTIN_MODELS:
+        return
+    import timm
+
+    if timm.is_model(name) or torchvision_name(name):
         return
     close = timm.list_models(f"*{name[:4]}*")[:8] if len(name) >= 4 else []
     hint = f"; similar timm names: {', '.join(close)}" if close else ""
@@ -139,6 +148,10 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
         raise TunerError(
             f"the built-in model {name!r} has no pretrained weights; use a timm model or pretrained: false"
         )
+    import timm
+    import torchvision
+    from huggingface_hub import try_to_load_from_cache
+
     tv_name = torchvision_name(name)
     if tv_name is not None:
         url = torchvision.models.get_model_weights(tv_name).DEFAULT.url
@@ -221,6 +234,8 @@ def build_head(
 
 
 def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: float, pretrained: bool | str) -> nn.Module:
+    import timm
+
     weights = resolve_pretrained(name, pretrained)
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans, "pretrained": weights is not None}
     if weights is not None:
@@ -248,6 +263,8 @@ class TorchvisionBackbone(nn.Module):
         super().__init__()
         if in_chans not in (1, 3):
             raise TunerError(f"torchvision models take 1 or 3 channels, but the data has {in_chans}")
+        import torchvision
+
         model = torchvision.models.get_model(name, weights=None)
         if weights is not None:
             model.load_state_dict(_read_state_dict(weights))

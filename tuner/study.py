@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -25,18 +24,17 @@ import numpy as np
 import optuna
 import sqlalchemy
 import torch
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
+from tuner.artifacts import TrialArtifacts
 from tuner.data import Dataset, load_dataset
 from tuner.data.splits import assign_folds
 from tuner.engine import FitResult, NonFiniteLossError
 from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.hparams import Hyperparameters
-from tuner.metrics import choose_threshold, classification_metrics, evaluation_report
-from tuner.report import per_class_csv, plot_confusion, plot_history, plot_roc_pr
+from tuner.metrics import choose_threshold, classification_metrics
 from tuner.resources import GPU_ENV, worker_name
 from tuner.space import SamplerSettings, SearchSpace, class_names_used, iter_specs, suggest
 from tuner.training import DeviceData, OutOfMemory, TrainSettings, free_memory, pooled, train_model
@@ -152,6 +150,21 @@ def load_existing_study(study_name: str, storage: str | None) -> optuna.Study:
     if study_name not in names:
         raise StorageError(f"no study {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=study_name, storage=rdb)
+
+
+def copy_study(study_name: str, storage: str | None, to_storage: str) -> optuna.Study:
+    """Copy a study (its trials with their histories, its space, data description and test-set reads)
+    to another storage, e.g. from the local SQLite file to PostgreSQL when more machines join."""
+    source = load_existing_study(study_name, storage)
+    target = open_storage(to_storage)
+    if study_name in [s.study_name for s in optuna.get_all_study_summaries(target)]:
+        raise StorageError(
+            f"study {study_name!r} already exists in {redact(to_storage)}; delete it there or copy to another storage"
+        )
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in source.get_trials(deepcopy=False)):
+        raise StorageError(f"study {study_name!r} has trials running or waiting; copy it once its workers stopped")
+    optuna.copy_study(from_study_name=study_name, from_storage=source._storage, to_storage=target)
+    return optuna.load_study(study_name=study_name, storage=target)
 
 
 # ------------------------------------------------------------------ sampler and pruner
@@ -308,7 +321,17 @@ class Objective:
         self.data = data
         self.folds = folds or []
         self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
-        self.artifact_store = FileSystemArtifactStore(str(artifacts)) if artifacts is not None else None
+        self.artifacts = (
+            None
+            if artifacts is None
+            else TrialArtifacts(
+                artifacts,
+                metric=space.study.metric,
+                class_names=self.class_names,
+                positive_index=data.positive_index,
+                save_checkpoints=space.study.save_checkpoints,
+            )
+        )
         self.metric = space.study.metric
         self.settings = train_settings(space)
 
@@ -434,39 +457,16 @@ class Objective:
             at = classification_metrics(probs, targets, positive_index=self.data.positive_index, threshold=threshold)
             trial.set_user_attr("threshold", threshold)
             trial.set_user_attr("val_at_threshold", at)
-        if self.artifact_store is None or not isinstance(trial, optuna.Trial):
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp)
-            files = [plot_history(history, self.metric, folder / "curves.png")]
-            if probs is not None:
-                val = evaluation_report(
-                    probs,
-                    targets,
-                    class_names=self.class_names,
-                    positive_index=self.data.positive_index,
-                    threshold=threshold,
-                )
-                files.append(
-                    plot_confusion(val["confusion_matrix"], self.class_names, folder / "val_confusion_matrix.png")
-                )
-                files.append(per_class_csv(val["per_class"], folder / "val_per_class.csv"))
-                if binary:
-                    files.append(
-                        plot_roc_pr(
-                            probs,
-                            targets,
-                            positive_index=self.data.positive_index,
-                            threshold=threshold,
-                            path=folder / "val_roc_pr.png",
-                        )
-                    )
-            if self.space.study.save_checkpoints:
-                checkpoint = folder / "best_checkpoint.pt"
-                torch.save({"state_dict": state, "hparams": trial.user_attrs["hparams"]}, checkpoint)
-                files.append(checkpoint)
-            for path in files:
-                upload_artifact(artifact_store=self.artifact_store, file_path=str(path), study_or_trial=trial)
+        if self.artifacts is not None and isinstance(trial, optuna.Trial):
+            self.artifacts.add(
+                trial,
+                history=history,
+                probs=probs,
+                targets=targets,
+                threshold=threshold,
+                state=state,
+                hparams=trial.user_attrs["hparams"],
+            )
 
 
 def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) -> Dataset:

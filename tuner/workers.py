@@ -224,7 +224,22 @@ def work(
     objective = Objective(space, DeviceData.from_dataset(dataset, torch_device), dataset.class_names, artifacts, folds)
     budget = TrialBudget(study)
     after_trial = _AfterTrial(budget)
-    after = [*callbacks, after_trial]
+    try:
+        _trials_until_done(study, objective, budget, after_trial, [*callbacks, after_trial], space, torch_device)
+    finally:
+        if objective.artifacts is not None:
+            objective.artifacts.close()
+
+
+def _trials_until_done(
+    study: optuna.Study,
+    objective: Objective,
+    budget: TrialBudget,
+    after_trial: _AfterTrial,
+    after: list[Callable[[optuna.Study, FrozenTrial], None]],
+    space: SearchSpace,
+    device: torch.device,
+) -> None:
     deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
     while deadline is None or time.monotonic() < deadline:
         if after_trial.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
@@ -240,7 +255,7 @@ def work(
                     n_trials=1,
                     catch=(Exception,),
                     callbacks=after,
-                    gc_after_trial=torch_device.type == "cuda",
+                    gc_after_trial=device.type == "cuda",
                 )
             except KeyboardInterrupt:
                 budget.give_back(stopping=True)  # Optuna marked the trial FAILED; its start is not used up
@@ -298,9 +313,9 @@ def run_optimize(
             f"--workers {workers} does not match --gpus with --workers-per-gpu {workers_per_gpu} "
             f"({len(slots)} workers); leave --workers out"
         )
+    if workers is not None and workers < 1:
+        raise TunerError(f"--workers must be at least 1, but got --workers {workers}")
     n_workers = len(slots) or workers or 1
-    if n_workers < 1:
-        raise StorageError(f"workers must be at least 1, but got workers={n_workers}")
     threads = threads_per_worker(n_workers, threads)
     if join:
         _check_joinable(space.study.name, storage_url)

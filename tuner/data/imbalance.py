@@ -17,11 +17,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from imblearn.over_sampling import ADASYN, SMOTE, RandomOverSampler
-from imblearn.under_sampling import RandomUnderSampler
-from sklearn.utils.class_weight import compute_class_weight
 
 from tuner.errors import TunerError
+
+# imbalanced-learn and scikit-learn are imported where they are used: importing them costs every
+# worker a second, and most trials draw their epochs without them.
 
 IMBALANCE_STRATEGIES = (
     "none",
@@ -72,6 +72,9 @@ def epoch_indices(
     multipliers: dict[int, float] | None = None,
 ) -> np.ndarray:
     """Indices into the training split for one epoch (unshuffled for 'none' and 'class_weight')."""
+    from imblearn.over_sampling import RandomOverSampler
+    from imblearn.under_sampling import RandomUnderSampler
+
     index = np.arange(len(labels)).reshape(-1, 1)
     if strategy == "undersample":
         sampler = RandomUnderSampler(sampling_strategy=target_counts(labels, strategy, ratio), random_state=seed)
@@ -101,6 +104,8 @@ def synthesize(
         return images[:0], labels[:0]
     if min(short) < 2:
         raise TunerError(f"{strategy} needs at least 2 training images of each class it oversamples")
+    from imblearn.over_sampling import ADASYN, SMOTE
+
     k = min(5, min(short) - 1)
     cls = SMOTE if strategy == "smote" else ADASYN
     kwargs = {"k_neighbors": k} if strategy == "smote" else {"n_neighbors": k}
@@ -117,6 +122,8 @@ def synthesize(
 
 def balanced_class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """scikit-learn's 'balanced' weights, n / (k * count); 0 for a class absent from training."""
+    from sklearn.utils.class_weight import compute_class_weight
+
     present = np.unique(labels)
     weights = np.zeros(num_classes)
     weights[present] = compute_class_weight("balanced", classes=present, y=labels)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from tuner.errors import DataError
+
+# scikit-learn is imported where a split is drawn: a source with its own splits never needs it, and
+# importing it costs every worker a second.
 
 
 def holdout_mask(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> np.ndarray:
@@ -23,6 +25,8 @@ def holdout_mask(labels: np.ndarray, groups: np.ndarray | None, fraction: float,
         raise DataError(
             f"cannot split stratified: each class needs at least 2 images, but these have fewer: {', '.join(rare)}"
         )
+    from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
     mask = np.zeros(n, dtype=bool)
     if groups is None:
         _, held = train_test_split(np.arange(n), test_size=fraction, stratify=labels, random_state=seed)
@@ -56,6 +60,8 @@ def assign_splits(
 
 def assign_folds(labels: np.ndarray, groups: np.ndarray | None, *, k: int, seed: int) -> np.ndarray:
     """Fold index (0..k-1) per item: stratified, and grouped when ``groups`` is given."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
     counts = Counter(labels.tolist())
     if min(counts.values()) < k:
         raise DataError(f"cannot make {k} stratified folds: the smallest class has only {min(counts.values())} images")
