@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> DeviceData:
     return DeviceData.from_dataset(ds, torch.device("cpu"))
 
 
-GPU_LIKE = TrainSettings(max_epochs=3, patience=None, monitor="val_auroc", mode="max", amp_everywhere=True)
+GPU_LIKE = TrainSettings(max_epochs=3, patience=None, monitor="val_auroc", mode="max", amp_on_cpu=True)
 
 
 def _record_convs(model: torch.nn.Module) -> list[tuple[bool, torch.dtype, bool]]:
@@ -82,9 +82,13 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(data):
     losses = result.history["train_loss"]
     assert losses[-1] < losses[0] and result.history["val_auroc"][-1] > 0.5
     assert result.best_val_probs.dtype == torch.float32  # probabilities leave autocast in full precision
-    # Without the CUDA-like options, CPU training stays in fp32 and the default memory format.
-    _, _, plain = _fit(data, hp, TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max"))
-    assert {dtype for _, dtype, _ in plain} == {torch.float32} and not any(cl for _, _, cl in plain)
+    # By default CPU training runs in fp32 (no autocast) but channels_last (faster convolutions there too);
+    # with channels_last off, in the default memory format.
+    default = TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
+    _, _, seen = _fit(data, hp, default)
+    assert {dtype for _, dtype, _ in seen} == {torch.float32} and all(cl for _, _, cl in seen)
+    _, _, seen = _fit(data, hp, TrainSettings(**{**default.__dict__, "channels_last": False}))
+    assert not any(cl for _, _, cl in seen)
 
 
 def test_fp16_with_the_gradient_scaler_trains_on_cpu(data):
