@@ -158,13 +158,11 @@ def postgres_url() -> str:
     try:
         import sqlalchemy as sa
 
-        engine = sa.create_engine(
-            f"postgresql+psycopg2://tuner@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT"
-        )
+        engine = sa.create_engine(f"postgresql://tuner@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
         with engine.connect() as con:
             con.execute(sa.text("CREATE DATABASE tuner"))
         engine.dispose()
-        yield f"postgresql+psycopg2://tuner@127.0.0.1:{port}/tuner"
+        yield f"postgresql://tuner@127.0.0.1:{port}/tuner"
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)

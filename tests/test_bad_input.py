@@ -185,3 +185,32 @@ def test_the_password_never_reaches_logs_either(workdir, caplog):
     for command in (["trials"], ["best"], ["report"], ["refit"], ["dashboard"]):
         res = invoke(*command, "--study", "x", "--storage", f"postgresql://tuner:{PASSWORD}@127.0.0.1:9/tuner")
         assert res.exit_code == 2 and PASSWORD not in res.output, (command, res.output)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty; a space file needs at least data.source"),
+        ("# only a comment\n", "is empty; a space file needs at least data.source"),
+        ("- a list\n- not a mapping\n", "must be a mapping with keys study, data, train, params, but got list"),
+        ("just a string\n", "must be a mapping with keys study, data, train, params, but got str"),
+        ("params: {lr: 0.001}\n", "data.source: missing: name the data"),
+        ("data: {image_size: 32}\n", "data.source: missing: name the data"),
+    ],
+    ids=["empty", "comment only", "a list", "a string", "no data section", "no data source"],
+)
+def test_a_space_file_without_a_usable_body_fails_at_once(workdir, text, message):
+    """An empty file, a file that is no mapping, or one without a data source (and no --data) never
+    starts a study on the built-in synthetic images."""
+    path = workdir / "space.yaml"
+    path.write_text(text)
+    result = invoke("optimize", "--space", path)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+    assert str(path) in result.stderr and "Traceback" not in result.output
+    assert not (workdir / "studies").exists(), "nothing may be written"
+    # --data supplies the missing source.
+    if "data.source: missing" in message:
+        assert invoke("space", "check", path).exit_code == 2
+        checked = invoke("space", "check", path, "--set", "data.source=synthetic")
+        assert checked.exit_code == 0, checked.output

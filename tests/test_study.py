@@ -46,6 +46,15 @@ def test_optimize_end_to_end_stores_every_trial(workdir):
         assert attrs["seconds_per_epoch"] > 0 and attrs["images_per_second"] > 0 and attrs["peak_memory_mb"] > 0
         assert attrs["seed"] == t.number and attrs["hparams"]["lr"] == t.params["lr"]
         assert sorted(t.intermediate_values) == [1, 2]
+    # Progress inside each trial: not a terminal here, so one log line per epoch with the trial's best so far.
+    said = " ".join(result.stderr.split())
+    for t in trials:
+        values = t.user_attrs["history"]["val_auroc"]
+        for epoch, value in enumerate(values, 1):
+            best = max(values[:epoch])
+            assert f"trial {t.number} epoch {epoch}/2 val_auroc={value:.4g} (trial best {best:.4g})" in said, said
+    quiet = invoke("optimize", "--space", space, "-q", "--n-trials", "1")
+    assert quiet.exit_code == 0 and "epoch 1/2" not in quiet.stderr
 
 
 def test_checkpoint_metric_picks_the_epoch_and_the_study_metric_values_it(workdir):

@@ -198,7 +198,7 @@ def optimize(
     spec = load_space(space, overrides, parse_assignments(assignments or []))
     storage_url = storage or _default_storage(spec.study.name)
     total = 0 if join else spec.study.n_trials
-    progress = _progress("trials", quiet)
+    progress = _progress(quiet)
 
     def report_trial(study_: Any, trial: Any) -> None:
         from tuner.study import trial_summary
@@ -214,13 +214,35 @@ def optimize(
         )
         progress.advance(task)
 
+    best_in_trial: dict[int, float] = {}
+    last_epoch: dict[int, int] = {}
+    sign = 1 if spec.study.resolved_direction == "maximize" else -1
+
+    def report_epoch(number: int, epoch: int, value: float) -> None:
+        """Inside a trial: its epoch, latest value and best so far, under the trials bar (or as a log line)."""
+        if last_epoch.get(number) == epoch:  # several workers are polled every second: report each epoch once
+            return
+        last_epoch[number] = epoch
+        if math.isfinite(value) and (number not in best_in_trial or sign * value > sign * best_in_trial[number]):
+            best_in_trial[number] = value
+        line = (
+            f"trial {number} epoch {epoch}/{spec.train.max_epochs} {spec.study.metric}={_fmt(value)} "
+            f"(trial best {_fmt(best_in_trial.get(number))})"
+        )
+        if progress.disable:
+            logging.getLogger("tuner.optimize").info(line)
+        else:
+            progress.update(epochs, description=line, completed=epoch, total=spec.train.max_epochs)
+
     with progress:
         task = progress.add_task("trials", total=total)
+        epochs = progress.add_task("waiting for the first epoch", total=None)
         try:
             result = run_optimize(
                 spec,
                 storage_url=storage_url,
                 cache_dir=cache_dir,
+                on_epoch=report_epoch,
                 callbacks=[report_trial],
                 artifacts_dir=artifacts,
                 workers=workers,
@@ -258,10 +280,10 @@ def _exit_interrupted() -> NoReturn:
     raise typer.Exit(code=130)
 
 
-def _progress(label: str, quiet: bool) -> Progress:
-    """The command's one progress bar, on stderr; off when quiet or not a terminal."""
+def _progress(quiet: bool) -> Progress:
+    """The command's progress bars, on stderr; off when quiet or not a terminal."""
     return Progress(
-        TextColumn(f"[bold]{label}"),
+        TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -445,7 +467,7 @@ def refit(
     if best_trial and trial is not None:
         raise TunerError("give either --best or --trial N, not both")
     s = load_existing_study(study, storage)
-    progress = _progress("seeds", quiet)
+    progress = _progress(quiet)
     with progress:
         task = progress.add_task("seeds", total=seeds)
         report = run_refit(
@@ -509,7 +531,7 @@ def ensemble(
 
     _setup_logging(verbose, quiet)
     loaded = [load_existing_study(name, storage) for name in dict.fromkeys(studies)]
-    progress = _progress("members", quiet)
+    progress = _progress(quiet)
     with progress:
         task = progress.add_task("members", total=None)
         report = run_ensemble(
@@ -696,7 +718,9 @@ def data_inspect(
 
     sets = parse_assignments(assignments or [])
     overrides = {"data.source": data}
-    spec = load_space(space, overrides, sets) if space else parse_space({}, "<defaults>", overrides, sets)
+    spec = (
+        load_space(space, overrides, sets) if space else parse_space({}, "--data", overrides, sets, require_source=True)
+    )
     ds = prepare(spec, cache_dir=cache_dir)
     out.print(
         f"{ds.description}: {ds.channels} channel(s), {ds.image_size}px, classes {', '.join(ds.class_names)}",

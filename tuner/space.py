@@ -631,9 +631,12 @@ def parse_space(
     source: str = "<space>",
     overrides: Mapping[str, Any] | None = None,
     assignments: Mapping[str, Any] | None = None,
+    *,
+    require_source: bool = False,
 ) -> SearchSpace:
     """Validate a space given as a dict. ``overrides`` maps dotted keys to values (CLI flags; ``None`` =
-    not given); ``assignments`` too, but there ``None`` (``--set key=null``) removes the key."""
+    not given); ``assignments`` too, but there ``None`` (``--set key=null``) removes the key.
+    ``require_source``: ``data.source`` must be given (a user's file), not left to its default."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -646,6 +649,19 @@ def parse_space(
             _set_key(raw, dotted, value, source)
     for dotted, value in (assignments or {}).items():
         _set_key(raw, dotted, value, source)
+    data = raw.get("data")
+    if require_source and (not isinstance(data, Mapping) or data.get("source") in (None, "")):
+        # No silent default: a forgotten --data must not start a study on the built-in synthetic images.
+        raise SpaceError(
+            source,
+            [
+                (
+                    "data.source",
+                    "missing: name the data (an image folder, a CSV manifest, an .npz file, or synthetic for the "
+                    "built-in images) in the file or with --data",
+                )
+            ],
+        )
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:
@@ -677,4 +693,8 @@ def load_space(
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise SpaceError(str(path), [(where, f"invalid YAML: {problem}")]) from None
-    return parse_space(raw, str(path), overrides, assignments)
+    if raw is None:
+        raise SpaceError(
+            str(path), [("", "is empty; a space file needs at least data.source (see search_spaces/quickstart.yaml)")]
+        )
+    return parse_space(raw, str(path), overrides, assignments, require_source=True)

@@ -45,6 +45,9 @@ STUDIES_DIR = Path("studies")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+EpochProgress = Callable[[int, int, float], None]  # (trial number, epoch, the study metric's value)
+
+
 class TrialFault(RuntimeError):
     """A trial could not finish (out of memory, impossible combination); the reason is recorded."""
 
@@ -97,6 +100,11 @@ def open_storage(
     A trial whose worker sent no heartbeat for ``3 * heartbeat`` seconds is failed and re-queued.
     """
     parsed = parse_storage_url(url)
+    engine_url = url
+    if parsed.drivername == "postgresql":
+        # The driver tuner's postgres extra installs (psycopg 3); SQLAlchemy before 2.1 would pick psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        engine_url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""
         if database and database != ":memory:":
@@ -110,7 +118,7 @@ def open_storage(
                 # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = RDBStorage(
-                    url,
+                    engine_url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat,
                     grace_period=3 * heartbeat,
@@ -122,12 +130,23 @@ def open_storage(
         except sqlalchemy.exc.IntegrityError:
             # Two processes creating the schema at once: the loser finds the tables on a second try.
             time.sleep(0.5 * (attempt + 1))
-        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+        except ImportError:
+            raise StorageError(f"cannot open the study storage {redact(url)}: {_missing_driver(parsed)}") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:
             reason = type(err).__name__ if isinstance(err, sqlalchemy.exc.SQLAlchemyError) else str(err)
             raise StorageError(
-                f"cannot open the study storage {redact(url)}: {reason.replace(url, redact(url))}"
+                f"cannot open the study storage {redact(url)}: {reason.replace(engine_url, redact(engine_url)).replace(url, redact(url))}"
             ) from None
     raise StorageError(f"cannot open the study storage {redact(url)}: the schema could not be created")
+
+
+def _missing_driver(url: sqlalchemy.engine.URL) -> str:
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql":
+        return (
+            f"its driver ({driver}) is not installed: pip install -e '.[postgres]' (or pip install 'psycopg[binary]')"
+        )
+    return f"the database driver {driver} for {backend} is not installed; install it with pip"
 
 
 def _write_ahead_log(storage: RDBStorage) -> None:
@@ -316,7 +335,9 @@ class Objective:
         class_names: tuple[str, ...] = (),
         artifacts: Path | None = None,
         folds: list[DeviceData] | None = None,
+        on_epoch: EpochProgress | None = None,
     ) -> None:
+        self.on_epoch = on_epoch  # told (trial, epoch, metric value) after each epoch: progress display
         self.space = space
         self.data = data
         self.folds = folds or []
@@ -394,6 +415,8 @@ class Objective:
             value = metrics[self.metric]
             if math.isfinite(value):
                 trial.report(value, epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(trial.number, epoch, value)
             if trial.should_prune():
                 self._prune(trial, history, f"pruned at epoch {epoch}", value)
 

@@ -41,6 +41,7 @@ from tuner.resources import gpu_slots, see_only_gpu, threads_per_worker, use_thr
 from tuner.space import SearchSpace
 from tuner.study import (
     STUDIES_DIR,
+    EpochProgress,
     Objective,
     OnStaleTrial,
     build_pruner,
@@ -194,6 +195,7 @@ def work(
     dataset: Dataset | None = None,
     threads: int | None = None,
     gpu: int | None = None,
+    on_epoch: EpochProgress | None = None,
 ) -> None:
     """One worker: claim a start, run one trial, repeat until the budget is spent and nothing is left running.
 
@@ -221,7 +223,8 @@ def work(
     folds = (
         cv_folds(dataset, space.study.cv_folds, space.data.split_seed, torch_device) if space.study.cv_folds else None
     )
-    objective = Objective(space, DeviceData.from_dataset(dataset, torch_device), dataset.class_names, artifacts, folds)
+    data = DeviceData.from_dataset(dataset, torch_device)
+    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch)
     budget = TrialBudget(study)
     after_trial = _AfterTrial(budget)
     try:
@@ -292,6 +295,7 @@ def run_optimize(
     storage_url: str,
     cache_dir: Path = STUDIES_DIR / "cache",
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    on_epoch: EpochProgress | None = None,
     dataset: Dataset | None = None,
     artifacts_dir: Path | None = None,
     workers: int | None = None,
@@ -327,7 +331,7 @@ def run_optimize(
     common = {"space": space, "storage_url": storage_url, "cache_dir": cache_dir, "heartbeat": heartbeat}
     if n_workers == 1:
         gpu = slots[0] if slots else None
-        work(**common, callbacks=callbacks, dataset=dataset, threads=threads, gpu=gpu)
+        work(**common, callbacks=callbacks, dataset=dataset, threads=threads, gpu=gpu, on_epoch=on_epoch)
         return study
 
     def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
@@ -355,6 +359,8 @@ def run_optimize(
                     respawns[i] += 1
                     running[i] = start(i, respawns[i])
             _report_new(study, seen, callbacks)
+            if on_epoch is not None:
+                _report_running(study, on_epoch)
             time.sleep(POLL_SECONDS)
     except KeyboardInterrupt:
         for proc in running.values():
@@ -390,6 +396,14 @@ def _check_joinable(study_name: str, storage_url: str) -> None:
             f"study {study_name!r} has no trials left to join in {redact(storage_url)}; "
             "start it first without --join (that run adds --n-trials trials)"
         )
+
+
+def _report_running(study: optuna.Study, on_epoch: EpochProgress) -> None:
+    """The workers' running trials, from what they reported to the storage: the latest epoch of each."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.intermediate_values:
+            epoch = max(trial.intermediate_values)
+            on_epoch(trial.number, epoch, trial.intermediate_values[epoch])
 
 
 def _report_new(study: optuna.Study, seen: set[int], callbacks: Sequence[Callable]) -> None:
