@@ -2,11 +2,6 @@ from __future__ import annotations
 
 import csv
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -189,50 +184,6 @@ def test_study_report(optimized, workdir):
     summary = json.loads((folder / "report.json").read_text())
     assert summary["top_trials"][0]["number"] == optimized.best_trial.number
     assert (folder / "optimization_history.png").exists() and (folder / "report.md").exists()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        assert response.status == 200
-        return response.read()
-
-
-def test_dashboard_serves_the_study_its_trials_and_an_artifact(optimized, workdir):
-    from optuna.artifacts import get_all_artifact_meta
-
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuner", "dashboard", "--study", "tiny", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                studies = json.loads(_get(f"{base}/api/studies"))
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("optuna-dashboard did not start: " + (proc.stderr.read() if proc.poll() is not None else ""))
-        entry = next(s for s in studies["study_summaries"] if s["study_name"] == "tiny")
-        detail = json.loads(_get(f"{base}/api/studies/{entry['study_id']}"))
-        assert len(detail["trials"]) == 3
-        trial = optimized.best_trial
-        meta = next(m for m in get_all_artifact_meta(trial, storage=optimized._storage) if m.filename == "curves.png")
-        png = _get(f"{base}/artifacts/{entry['study_id']}/{trial._trial_id}/{meta.artifact_id}")
-        assert png.startswith(b"\x89PNG")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_cross_validated_objective_reports_per_fold(workdir, lesion_npz):
