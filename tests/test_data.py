@@ -59,16 +59,21 @@ def test_grouped_split_never_puts_a_patient_in_two_splits(csv_manifest, tmp_path
 
 
 def test_assign_splits_grouped_many_seeds():
-    rng = np.random.default_rng(0)
     groups = np.array([f"p{i // 4}" for i in range(400)], dtype=object)
     labels = np.array([int(g[1:]) % 5 == 0 for g in groups], dtype=int)  # label is a property of the patient
+    splits = []
     for seed in range(5):
         split = assign_splits(labels, groups, val_fraction=0.2, test_fraction=0.2, seed=seed)
         owner = {}
         for g, s in zip(groups, split, strict=True):
-            assert owner.setdefault(g, s) == s
-        assert set(split) == {"train", "val", "test"}
-    assert rng is not None
+            assert owner.setdefault(g, s) == s  # no patient in two splits
+        for name in ("val", "test"):
+            part = split == name
+            assert 0.15 <= part.mean() <= 0.25, (seed, name, part.mean())  # about the fraction asked for
+            assert abs(labels[part].mean() - labels.mean()) <= 0.06  # stratified: the same share of positives
+        assert (split == assign_splits(labels, groups, val_fraction=0.2, test_fraction=0.2, seed=seed)).all()
+        splits.append(split)
+    assert len({tuple(s) for s in splits}) == 5, "each seed draws its own split"
 
 
 def test_cache_is_reused_on_the_second_run(image_folder, tmp_path):

@@ -199,3 +199,79 @@ def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, 
     else:
         assert drawn.tolist() == list(target_counts(c.pool_labels, c.strategy, 2.0, c.multipliers).values())
     assert torch.equal(tiny_data.val.images, val_before), "validation is never resampled"
+
+
+def _direct_fit(data: DeviceData, **overrides):
+    """engine.fit called directly (no tuner builders beyond the components), on the tiny data."""
+    from functools import partial
+
+    from tuner.data.loader import iterate_batches
+    from tuner.engine import fit
+    from tuner.losses import logits_to_probs
+    from tuner.metrics import classification_metrics
+    from tuner.training import build_components
+
+    hp = Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32)
+    c = build_components(hp, data, SETTINGS, seed=0)
+    generator = torch.Generator().manual_seed(0)
+
+    def batches(split, order, size):
+        return iterate_batches(split, order, size, normalize=c.normalize)
+
+    kwargs = {
+        "train_batches": lambda epoch: batches(data.train, torch.randperm(len(data.train), generator=generator), 32),
+        "val_batches": lambda: batches(data.val, torch.arange(len(data.val)), 64),
+        "loss_fn": c.loss_fn,
+        "to_probs": partial(logits_to_probs, num_classes=2, positive_index=data.positive_index),
+        "metrics_fn": partial(classification_metrics, positive_index=data.positive_index),
+        "optimizer": c.optimizer,
+        "schedule": c.schedule,
+        "max_epochs": 12,
+        "monitor": "val_loss",
+        "mode": "min",
+        "patience": 2,
+        **overrides,
+    }
+    return c.model, fit(c.model, **kwargs)
+
+
+def test_fit_keeps_the_best_epoch_and_stops_after_patience(tiny_data):
+    model, result = _direct_fit(tiny_data)
+    losses = result.history["val_loss"]
+    assert result.epochs_run == len(losses) and result.best_epoch == 1 + losses.index(min(losses))
+    assert result.best_value == min(losses)
+    if result.stopped_early:
+        assert result.epochs_run - result.best_epoch == 2
+    # The state kept is the best epoch's: loaded back, it reproduces that epoch's validation probabilities.
+    model.load_state_dict(result.best_state)
+    from tuner.engine import predict
+
+    probs, _, _ = predict(
+        model,
+        [(x, y) for x, y in _val_batches(tiny_data)],
+        to_probs=lambda logits: logits.softmax(1),
+    )
+    assert torch.allclose(probs, result.best_val_probs, atol=1e-5)
+
+
+def _val_batches(data: DeviceData):
+    from tuner.data.loader import Normalize, iterate_batches
+
+    return iterate_batches(data.val, torch.arange(len(data.val)), 64, normalize=Normalize((0.5,) * 3, (0.5,) * 3))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mode": "maximize"}, "mode must be 'max' or 'min', but got mode='maximize'"),
+        ({"max_epochs": 0}, "max_epochs must be at least 1, but got max_epochs=0"),
+        ({"patience": 0}, "patience must be None or at least 1, but got patience=0"),
+        ({"accumulate_steps": 0}, "accumulate_steps must be at least 1"),
+        ({"grad_clip": -1.0}, "grad_clip must be 0 (off) or positive"),
+        ({"val_batches": None}, "without validation batches monitor must be 'train_loss', but got monitor='val_loss'"),
+        ({"monitor": "val_aucroc"}, "monitor must be one of"),
+    ],
+)
+def test_fit_checks_its_arguments_like_optuna_constructors(tiny_data, overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        _direct_fit(tiny_data, **overrides)

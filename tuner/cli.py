@@ -675,7 +675,8 @@ def space_check(
     """Validate a space file and print the resolved space."""
     from tuner.space import iter_specs, load_space, parse_assignments
 
-    spec = load_space(file, None, parse_assignments(assignments or []))
+    # A space file may leave the data to --data at optimize time.
+    spec = load_space(file, None, parse_assignments(assignments or []), require_source=False)
     s = spec.study
     out.print(f"[bold]{file}[/] is valid (fingerprint {spec.fingerprint()})")
     out.print(

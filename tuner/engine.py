@@ -168,6 +168,31 @@ def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _check_fit_arguments(
+    *,
+    max_epochs: int,
+    monitor: str,
+    mode: str,
+    patience: int | None,
+    accumulate_steps: int,
+    grad_clip: float,
+    validating: bool,
+) -> None:
+    """Like Optuna's constructors: each rule stated, the value echoed, before the first step."""
+    if max_epochs < 1:
+        raise ValueError(f"max_epochs must be at least 1, but got max_epochs={max_epochs}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', but got mode={mode!r}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be None or at least 1, but got patience={patience}")
+    if accumulate_steps < 1:
+        raise ValueError(f"accumulate_steps must be at least 1, but got accumulate_steps={accumulate_steps}")
+    if not (grad_clip >= 0):  # also catches NaN
+        raise ValueError(f"grad_clip must be 0 (off) or positive, but got grad_clip={grad_clip}")
+    if not validating and monitor != "train_loss":
+        raise ValueError(f"without validation batches monitor must be 'train_loss', but got monitor={monitor!r}")
+
+
 def fit(
     model: nn.Module,
     *,
@@ -196,6 +221,15 @@ def fit(
     ``amp``: mixed precision in ``amp_dtype`` (default: the device's, see :func:`default_amp_dtype`);
     fp16 brings a gradient scaler, which skips the steps whose gradients overflowed.
     """
+    _check_fit_arguments(
+        max_epochs=max_epochs,
+        monitor=monitor,
+        mode=mode,
+        patience=patience,
+        accumulate_steps=accumulate_steps,
+        grad_clip=grad_clip,
+        validating=val_batches is not None,
+    )
     device = next(model.parameters()).device
     dtype = (amp_dtype or default_amp_dtype(device)) if amp else None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -232,6 +266,8 @@ def fit(
             metrics["val_loss"] = val_loss
             metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if monitor not in metrics:
+            raise ValueError(f"monitor must be one of {', '.join(sorted(metrics))}, but got monitor={monitor!r}")
         schedule.after_epoch(metrics[monitor])
         end = time.perf_counter()
         metrics["epoch_seconds"] = end - start

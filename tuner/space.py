@@ -649,19 +649,6 @@ def parse_space(
             _set_key(raw, dotted, value, source)
     for dotted, value in (assignments or {}).items():
         _set_key(raw, dotted, value, source)
-    data = raw.get("data")
-    if require_source and (not isinstance(data, Mapping) or data.get("source") in (None, "")):
-        # No silent default: a forgotten --data must not start a study on the built-in synthetic images.
-        raise SpaceError(
-            source,
-            [
-                (
-                    "data.source",
-                    "missing: name the data (an image folder, a CSV manifest, an .npz file, or synthetic for the "
-                    "built-in images) in the file or with --data",
-                )
-            ],
-        )
     try:
         space = SearchSpace.model_validate(raw)
     except ValidationError as err:
@@ -674,13 +661,30 @@ def parse_space(
         _check_pretrained(specs, problems)
     if problems:
         raise SpaceError(source, problems)
+    data = raw.get("data")  # checked last: a typo elsewhere is the more useful message
+    if require_source and (not isinstance(data, Mapping) or data.get("source") in (None, "")):
+        # No silent default: a forgotten --data must not start a study on the built-in synthetic images.
+        raise SpaceError(
+            source,
+            [
+                (
+                    "data.source",
+                    "missing: name the data (an image folder, a CSV manifest, an .npz file, or synthetic for the "
+                    "built-in images) in the file or with --data",
+                )
+            ],
+        )
     return space
 
 
 def load_space(
-    path: str | Path, overrides: Mapping[str, Any] | None = None, assignments: Mapping[str, Any] | None = None
+    path: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    assignments: Mapping[str, Any] | None = None,
+    *,
+    require_source: bool = True,
 ) -> SearchSpace:
-    """Read and validate a YAML space file."""
+    """Read and validate a YAML space file; ``require_source``: it (or an override) must name the data."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -697,4 +701,4 @@ def load_space(
         raise SpaceError(
             str(path), [("", "is empty; a space file needs at least data.source (see search_spaces/quickstart.yaml)")]
         )
-    return parse_space(raw, str(path), overrides, assignments, require_source=True)
+    return parse_space(raw, str(path), overrides, assignments, require_source=require_source)
