@@ -166,3 +166,20 @@ def postgres_url() -> str:
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_device_data(tmp_path_factory):
+    """200 built-in synthetic lesions at 16 px, train and validation on the CPU, for loop-level tests."""
+    import torch
+
+    from tuner.data import load_dataset
+    from tuner.training import DeviceData
+
+    ds = load_dataset(
+        "synthetic",
+        image_size=16,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        synthetic_options={"n_images": 200, "minority_fraction": 0.25},
+    )
+    return DeviceData.from_dataset(ds, torch.device("cpu"))

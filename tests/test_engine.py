@@ -19,14 +19,8 @@ def test_engine_does_not_import_optuna_or_the_space():
 
 
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> DeviceData:
-    ds = load_dataset(
-        "synthetic",
-        image_size=16,
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        synthetic_options={"n_images": 200, "minority_fraction": 0.25},
-    )
-    return DeviceData.from_dataset(ds, torch.device("cpu"))
+def tiny_data(tiny_device_data) -> DeviceData:
+    return tiny_device_data
 
 
 SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max")

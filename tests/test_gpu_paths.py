@@ -11,7 +11,6 @@ import torch
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.data import load_dataset
 from tuner.engine import fit
 from tuner.hparams import Hyperparameters
 from tuner.losses import logits_to_probs
@@ -22,14 +21,8 @@ from tuner.training import DeviceData, OutOfMemory, TrainSettings, build_compone
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> DeviceData:
-    ds = load_dataset(
-        "synthetic",
-        image_size=16,
-        cache_dir=tmp_path_factory.mktemp("cache"),
-        synthetic_options={"n_images": 200, "minority_fraction": 0.25},
-    )
-    return DeviceData.from_dataset(ds, torch.device("cpu"))
+def data(tiny_device_data) -> DeviceData:
+    return tiny_device_data
 
 
 GPU_LIKE = TrainSettings(max_epochs=3, patience=None, monitor="val_auroc", mode="max", amp_on_cpu=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,6 @@ class TrialArtifacts:
         self.positive_index = positive_index
         self.save_checkpoints = save_checkpoints
         self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-artifacts")
-        self._pending: list[Future] = []
 
     def add(
         self,
@@ -62,38 +61,10 @@ class TrialArtifacts:
         hparams: dict[str, Any],
     ) -> None:
         """Register the trial's files now (it is still running) and queue their drawing."""
-        files = self._files(
-            {k: list(v) for k, v in history.items()},
-            None if probs is None else probs.detach().cpu().clone(),
-            None if targets is None else targets.detach().cpu().clone(),
-            threshold,
-            state,
-            hparams,
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            ids = {}
-            for name in files:
-                placeholder = Path(tmp) / name
-                placeholder.touch()
-                ids[name] = upload_artifact(artifact_store=self.store, file_path=str(placeholder), study_or_trial=trial)
-        self._pending = [f for f in self._pending if not f.done()]
-        self._pending.append(self._drawer.submit(self._draw, trial.number, files, ids))
-
-    def close(self) -> None:
-        """Wait until every queued trial's files are written."""
-        self._drawer.shutdown(wait=True)
-
-    def _files(
-        self,
-        history: dict[str, list[float]],
-        probs: torch.Tensor | None,
-        targets: torch.Tensor | None,
-        threshold: float,
-        state: dict[str, torch.Tensor],
-        hparams: dict[str, Any],
-    ) -> dict[str, Draw]:
+        history = {k: list(v) for k, v in history.items()}  # copies: the caller's objects move on
         files: dict[str, Draw] = {"curves.png": lambda path: plot_history(history, self.metric, path)}
         if probs is not None and targets is not None:
+            probs, targets = probs.detach().cpu().clone(), targets.detach().cpu().clone()
             val = evaluation_report(
                 probs, targets, class_names=self.class_names, positive_index=self.positive_index, threshold=threshold
             )
@@ -108,7 +79,17 @@ class TrialArtifacts:
                 )
         if self.save_checkpoints:
             files["best_checkpoint.pt"] = lambda path: _save(path, {"state_dict": state, "hparams": hparams})
-        return files
+        with tempfile.TemporaryDirectory() as tmp:
+            ids = {}
+            for name in files:
+                placeholder = Path(tmp) / name
+                placeholder.touch()
+                ids[name] = upload_artifact(artifact_store=self.store, file_path=str(placeholder), study_or_trial=trial)
+        self._drawer.submit(self._draw, trial.number, files, ids)
+
+    def close(self) -> None:
+        """Wait until every queued trial's files are written."""
+        self._drawer.shutdown(wait=True)
 
     def _draw(self, number: int, files: dict[str, Draw], ids: dict[str, str]) -> None:
         try:
