@@ -81,7 +81,7 @@ def test_torchvision_names_build_with_tuner_head_and_local_weights(no_weight_cac
         resolve_pretrained("alexnet", True)
     # pretrained: true finds the file where torchvision itself caches it
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth"
-    cached.parent.mkdir(parents=True)
+    cached.parent.mkdir(parents=True, exist_ok=True)  # a failed download may have made it
     torch.save(source.state_dict(), cached)
     assert resolve_pretrained("alexnet", True) == cached
     from_cache = build_model("alexnet", num_outputs=2, in_chans=3, image_size=64, pretrained=True)
@@ -203,3 +203,98 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         assert result.exit_code == 0, result.output
         values[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/studies/{name}.db").best_value
     assert values["imagenet"] > 0.8 and values["imagenet"] > values["random"] + 0.1, values
+
+
+class _Hub:
+    """A stand-in for the Hugging Face Hub on loopback: serves one file at its resolve URL, counts downloads."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        import hashlib
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        hub = self
+        self.downloads: list[str] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def _head(self) -> bytes | None:
+                body = files.get(self.path)
+                if body is None:
+                    self.send_response(404)
+                    self.end_headers()
+                    return None
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", "0123456789abcdef0123456789abcdef01234567")
+                self.send_header("ETag", f'"{hashlib.sha256(body).hexdigest()}"')
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                return body
+
+            def do_HEAD(self) -> None:  # noqa: N802 - http.server's name
+                self._head()
+
+            def do_GET(self) -> None:  # noqa: N802
+                body = self._head()
+                if body is not None:
+                    hub.downloads.append(self.path)
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_pretrained_true_downloads_into_the_hub_cache_once_and_offline_uses_the_cache(workdir, tmp_path):
+    """`pretrained: true` online: downloaded from the hub (here HF_ENDPOINT, a server on loopback) into the
+    Hugging Face cache on first use, then reused; offline (HF_HUB_OFFLINE=1) with an empty cache: a clear error."""
+    import os
+    import subprocess
+    import sys
+
+    from huggingface_hub import try_to_load_from_cache
+    from safetensors.torch import save
+
+    torch.manual_seed(7)
+    served = {k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}
+    repo = timm.models.get_pretrained_cfg("test_resnet").hf_hub_id
+    hub = _Hub({f"/{repo}/resolve/main/model.safetensors": save(served)})
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_CACHE": str(tmp_path / "hf"),
+        "TORCH_HOME": str(tmp_path / "t"),
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+
+    def optimize(study: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+        space = tiny_space(
+            study={"name": study, "n_trials": 1, "artifacts": False},
+            train={"max_epochs": 1},
+            params={"model": "test_resnet", "pretrained": True, "batch_size": 32, "lr": 1e-3},
+        )
+        path = write_space(workdir / f"{study}.yaml", space)
+        cmd = [sys.executable, "-m", "tuner", "optimize", "--space", str(path), "-q"]
+        return subprocess.run(cmd, cwd=workdir, env={**env, **(extra_env or {})}, capture_output=True, text=True)
+
+    first = optimize("online")
+    assert first.returncode == 0, first.stderr
+    assert hub.downloads == [f"/{repo}/resolve/main/model.safetensors"]
+    cached = try_to_load_from_cache(repo, "model.safetensors", cache_dir=str(tmp_path / "hf"))
+    assert isinstance(cached, str)
+    from safetensors.torch import load_file
+
+    for key, value in load_file(cached).items():
+        torch.testing.assert_close(value, served[key])
+    # The second study finds the weights in the cache: nothing is downloaded again, even offline.
+    second = optimize("again", {"HF_HUB_OFFLINE": "1"})
+    assert second.returncode == 0, second.stderr
+    assert len(hub.downloads) == 1
+    # Offline with an empty cache: one clear line, exit 2, naming the file to fetch.
+    offline = optimize("offline", {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
+    assert offline.returncode == 2
+    assert "this machine is offline (HF_HUB_OFFLINE is set)" in offline.stderr
+    assert f"{hub.url}/{repo}/resolve/main/model.safetensors" in " ".join(offline.stderr.split())
+    assert len(hub.downloads) == 1 and "Traceback" not in offline.stderr

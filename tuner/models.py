@@ -133,9 +133,10 @@ def _torch_hub_file(url: str) -> Path:
 def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     """The local file holding ``name``'s pretrained weights, or a clear error saying which file to fetch.
 
-    Nothing is downloaded: ``pretrained: true`` uses the weights when they are already in the
-    Hugging Face or torch hub cache; ``pretrained: /path/to/weights.safetensors`` (or a ``.pth``
-    state dict) uses that file.
+    ``pretrained: true`` does what timm does: the weights come from the Hugging Face (or torch hub)
+    cache, and on first use are downloaded into it (from ``HF_ENDPOINT`` when set). Offline
+    (``HF_HUB_OFFLINE=1``, or no network) only the caches count. ``pretrained: /path/to/file``
+    (safetensors or a ``.pth`` state dict) uses that file.
     """
     if pretrained is False:
         return None
@@ -150,40 +151,71 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
         )
     import timm
     import torchvision
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 
     tv_name = torchvision_name(name)
     if tv_name is not None:
         url = torchvision.models.get_model_weights(tv_name).DEFAULT.url
-        cached = _torch_hub_file(url)
-        if cached.is_file():
-            return cached
-        raise TunerError(
-            f"pretrained weights for {name!r} are not on this machine and tuner downloads nothing: fetch {url} "
-            f"into {cached.parent}/, or save it anywhere and set pretrained: /path/to/{Path(url).name}"
-        )
+        return _cached_or_downloaded(name, url, _torch_hub_file(url))
     cfg = timm.models.get_pretrained_cfg(name)
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise TunerError(f"timm has no pretrained weights for {name!r}; use pretrained: false or a local file")
-    wanted = []
-    if cfg.hf_hub_id:
-        repo = cfg.hf_hub_id.split("@")[0]
-        for filename in dict.fromkeys(
-            [cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"]
-        ):
-            found = try_to_load_from_cache(repo, filename, cache_dir=_hub_cache())
-            if isinstance(found, str):
-                return Path(found)
-            wanted.append(f"https://huggingface.co/{repo}/resolve/main/{filename}")
-    if cfg.url:
-        cached = _torch_hub_file(cfg.url)
-        if cached.is_file():
-            return cached
-        wanted.append(cfg.url)
+    if not cfg.hf_hub_id:
+        return _cached_or_downloaded(name, cfg.url, _torch_hub_file(cfg.url))
+    repo = cfg.hf_hub_id.split("@")[0]
+    filenames = list(
+        dict.fromkeys([cfg.hf_hub_filename or "model.safetensors", "model.safetensors", "pytorch_model.bin"])
+    )
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename, cache_dir=_hub_cache())
+        if isinstance(found, str):
+            return Path(found)
+    url = f"{_hub_endpoint()}/{repo}/resolve/main/{filenames[0]}"
+    reason = _offline_reason()
+    if reason is None:
+        try:
+            # One quick request first: without a network it fails at once, where the download itself
+            # would retry with back-off for half a minute.
+            get_hf_file_metadata(hf_hub_url(repo, filenames[0]), timeout=10)
+            return Path(hf_hub_download(repo, filenames[0], cache_dir=_hub_cache()))
+        except Exception as err:  # noqa: BLE001 - no network, a proxy, a missing file: all end in the same advice
+            reason = f"downloading it failed ({type(err).__name__})"
     raise TunerError(
-        f"pretrained weights for {name!r} are not on this machine and tuner downloads nothing: fetch {wanted[0]} "
-        f"(e.g. `huggingface-cli download {cfg.hf_hub_id}` where there is internet, then copy {_hub_cache()}), "
-        f"or save the file anywhere and set pretrained: /path/to/{Path(wanted[0]).name}"
+        f"pretrained weights for {name!r} are not on this machine and {reason}: fetch {url} "
+        f"(e.g. `hf download {repo}` where there is internet, then copy {_hub_cache()}), "
+        f"or save the file anywhere and set pretrained: /path/to/{filenames[0]}"
+    )
+
+
+def _hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _offline_reason() -> str | None:
+    """Why nothing may be downloaded, or None when downloading is allowed."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return "this machine is offline (HF_HUB_OFFLINE is set)" if offline else None
+
+
+def _cached_or_downloaded(name: str, url: str, cached: Path) -> Path:
+    """A torch hub download (torchvision's and some timm weights): the cache, else the internet."""
+    if cached.is_file():
+        return cached
+    reason = _offline_reason()
+    if reason is None:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), progress=False)
+            return cached
+        except Exception as err:  # noqa: BLE001 - see resolve_pretrained
+            reason = f"downloading it failed ({type(err).__name__})"
+    raise TunerError(
+        f"pretrained weights for {name!r} are not on this machine and {reason}: fetch {url} "
+        f"into {cached.parent}/, or save it anywhere and set pretrained: /path/to/{Path(url).name}"
     )
 
 
