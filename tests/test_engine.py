@@ -269,3 +269,19 @@ def _val_batches(data: DeviceData):
 def test_fit_checks_its_arguments_like_optuna_constructors(tiny_data, overrides, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         _direct_fit(tiny_data, **overrides)
+
+
+def test_a_pretrained_backbone_can_learn_slower_than_its_head(tiny_data):
+    from tuner.training import build_components
+
+    hp = Hyperparameters(width=4, depth=2, lr=1e-2, backbone_lr_ratio=0.1, scheduler="onecycle", hidden_sizes=(8,))
+    c = build_components(hp, tiny_data, SETTINGS, seed=0)
+    head, backbone = c.optimizer.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in c.model.head.parameters()}
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in c.model.backbone.parameters()}
+    assert backbone["max_lr"] == pytest.approx(0.1 * head["max_lr"]) and head["max_lr"] == pytest.approx(1e-2)
+    _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
+    assert result.history["train_loss"][-1] < result.history["train_loss"][0]
+    # The default keeps one rate for all: the same training as before the option existed.
+    same = build_components(Hyperparameters(width=4, depth=2, lr=1e-2), tiny_data, SETTINGS, seed=0)
+    assert {g["lr"] for g in same.optimizer.param_groups} == {1e-2}

@@ -59,6 +59,8 @@ class Hyperparameters(BaseModel):
     # optimisation
     optimizer: Literal[OPTIMIZERS] = "adam"  # type: ignore[valid-type]
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 1e-3
+    # The pretrained backbone learns at lr * backbone_lr_ratio, the new head at lr (discriminative fine-tuning).
+    backbone_lr_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     momentum: Probability = 0.9
     batch_size: Annotated[int, Field(ge=1)] = 64

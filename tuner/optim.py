@@ -20,17 +20,30 @@ SCHEDULERS = ("none", "step", "multistep", "exponential", "plateau", "onecycle",
 
 
 def build_optimizer(
-    name: str, params: Iterable[torch.nn.Parameter], *, lr: float, weight_decay: float = 0.0, momentum: float = 0.9
+    name: str,
+    params: Iterable[torch.nn.Parameter],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    slower: Iterable[torch.nn.Parameter] = (),
+    slower_ratio: float = 1.0,
 ) -> torch.optim.Optimizer:
+    """``params`` learn at ``lr``; ``slower`` ones (a pretrained backbone) at ``lr * slower_ratio``, in a second
+    parameter group (the first group's lr is the trial's lr, as the history records it)."""
     params = [p for p in params if p.requires_grad]
-    if not params:
+    slow = [p for p in slower if p.requires_grad]
+    if not params and not slow:
         raise TunerError("the model has no trainable parameters (is everything frozen?)")
+    groups = [{"params": params, "lr": lr}] if params else []
+    if slow:
+        groups.append({"params": slow, "lr": lr * slower_ratio})
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
     raise TunerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, but got optimizer={name!r}")
 
 

@@ -254,10 +254,12 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
     ).to(device)
     optimizer = build_optimizer(
         hparams.optimizer,
-        model.parameters(),
+        model.head.parameters(),
         lr=hparams.lr,
         weight_decay=hparams.weight_decay,
         momentum=hparams.momentum,
+        slower=model.backbone.parameters(),
+        slower_ratio=hparams.backbone_lr_ratio,
     )
     # SMOTE / ADASYN images are already in the pool; each epoch then takes the pool as it is.
     strategy = "none" if hparams.imbalance in SYNTHESIZING else hparams.imbalance
