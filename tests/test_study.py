@@ -241,3 +241,36 @@ def test_a_space_where_every_trial_fails_stops_with_the_reason(workdir):
     assert "5 trials in a row failed, the last with: loss='bce' needs exactly two classes" in result.stderr
     states = [t.state for t in load("tiny", workdir).get_trials()]
     assert states == [TrialState.FAIL] * 5
+
+
+def test_warm_start_replays_the_best_configurations_of_an_earlier_study(workdir):
+    donor_space = tiny_space(
+        study={"name": "donor", "n_trials": 5, "artifacts": False},
+        params={"width": {"choices": [4, 8]}, "lr": {"low": 1e-3, "high": 1e-2, "log": True}},
+    )
+    assert invoke("optimize", "--space", write_space(workdir / "donor.yaml", donor_space)).exit_code == 0
+    donor = load("donor", workdir)
+    ranked = sorted((t for t in donor.trials if t.state == TrialState.COMPLETE), key=lambda t: -t.value)[:3]
+    limit = sorted(t.params["lr"] for t in ranked)[1]  # the new space keeps two of the three, not the third
+    new_space = tiny_space(
+        study={"name": "warm", "n_trials": 3, "artifacts": False},
+        params={"width": 4, "dropout": {"low": 0.0, "high": 0.5}, "lr": {"low": 1e-3, "high": limit, "log": True}},
+    )
+    path = write_space(workdir / "warm.yaml", new_space)
+    result = invoke("optimize", "--space", path, "--warm-start", "donor", "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    kept = [t for t in ranked if t.params["lr"] <= limit]
+    skipped = [t for t in ranked if t.params["lr"] > limit]
+    assert len(kept) == 2 and len(skipped) == 1
+    assert f"trial {skipped[0].number} of donor skipped: lr={skipped[0].params['lr']!r} is outside" in said
+    assert "width: not in this space, dropped" in said and "dropout: new in this space, drawn by the sampler" in said
+    assert "the 2 best trial(s) of donor run first" in said
+    warm = load("warm", workdir).trials
+    for trial, source in zip(warm, kept, strict=False):  # the donor's best first, in its order
+        assert trial.user_attrs["warm_start_from"] == f"donor#{source.number}"
+        assert trial.params["lr"] == source.params["lr"] and "width" not in trial.params
+        assert 0.0 <= trial.params["dropout"] <= 0.5
+    assert "warm_start_from" not in warm[2].user_attrs and len(warm) == 3
+    missing = invoke("optimize", "--space", path, "--warm-start", "nope")
+    assert missing.exit_code == 2 and "no study 'nope'" in missing.stderr

@@ -173,6 +173,13 @@ def optimize(
         int,
         typer.Option("--heartbeat", help="Seconds between worker heartbeats; a trial silent for 3x this is retried."),
     ] = 60,
+    warm_start: Annotated[
+        Optional[str], typer.Option("--warm-start", help="An earlier study whose best configurations run first.")
+    ] = None,
+    warm_start_storage: Annotated[
+        Optional[str], typer.Option("--warm-start-storage", help="Its storage, if not the default or --storage.")
+    ] = None,
+    top_k: Annotated[int, typer.Option("--top-k", help="With --warm-start: how many of its best trials.")] = 3,
     assignments: SetOpt = None,
     verbose: VerboseOpt = 0,
     quiet: QuietOpt = False,
@@ -197,6 +204,11 @@ def optimize(
     }
     spec = load_space(space, overrides, parse_assignments(assignments or []))
     storage_url = storage or _default_storage(spec.study.name)
+    donor = None
+    if warm_start is not None:
+        from tuner.study import load_existing_study
+
+        donor = load_existing_study(warm_start, warm_start_storage or storage)
     total = 0 if join else spec.study.n_trials
     progress = _progress(quiet)
 
@@ -251,6 +263,8 @@ def optimize(
                 threads=threads,
                 join=join,
                 heartbeat=heartbeat,
+                warm_start_from=donor,
+                warm_start_top_k=top_k,
             )
         except KeyboardInterrupt:
             progress.stop()

@@ -54,6 +54,7 @@ from tuner.study import (
     redact,
 )
 from tuner.training import DeviceData
+from tuner.warm_start import warm_start
 
 log = logging.getLogger(__name__)
 
@@ -304,8 +305,12 @@ def run_optimize(
     threads: int | None = None,
     join: bool = False,
     heartbeat: int = 60,
+    warm_start_from: optuna.Study | None = None,
+    warm_start_top_k: int = 3,
 ) -> optuna.Study:
     """Add ``space.study.n_trials`` trials to the study (creating it if needed) with ``workers`` processes.
+
+    ``warm_start_from``: that study's ``warm_start_top_k`` best configurations run first (logged).
 
     With ``gpus``, ``workers_per_gpu`` workers run on each GPU, each seeing only its own. Each worker
     takes ``threads`` threads, by default its share of the cores. ``join`` adds nothing and helps
@@ -325,6 +330,9 @@ def run_optimize(
         _check_joinable(space.study.name, storage_url)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
     study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat)
+    if warm_start_from is not None and not join:
+        for line in warm_start(study, space, warm_start_from, top_k=warm_start_top_k):
+            log.warning("%s", line)
     budget = TrialBudget(study)
     if not join:
         budget.add(space.study.n_trials, others_running=_open_trials(study))
