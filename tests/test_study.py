@@ -274,3 +274,26 @@ def test_warm_start_replays_the_best_configurations_of_an_earlier_study(workdir)
     assert "warm_start_from" not in warm[2].user_attrs and len(warm) == 3
     missing = invoke("optimize", "--space", path, "--warm-start", "nope")
     assert missing.exit_code == 2 and "no study 'nope'" in missing.stderr
+
+
+def test_a_study_that_stopped_improving_stops_by_itself_with_its_reason(workdir):
+    # No trial can beat the best by 0.5 AUROC: after one trial to beat, three without improvement end the study.
+    space = tiny_space(
+        study={"name": "stale", "n_trials": 10, "artifacts": False, "stop": {"patience": 3, "min_delta": 0.5}}
+    )
+    path = write_space(workdir / "s.yaml", space)
+    result = invoke("optimize", "--space", path)
+    assert result.exit_code == 0, result.output
+    study = load("stale", workdir)
+    assert len(study.trials) == 4 and all(t.state == TrialState.COMPLETE for t in study.trials)
+    reason = study.user_attrs["stopped"]
+    assert reason.startswith("val_auroc did not improve by 0.5 in the last 3 finished trials (best ")
+    assert f"stopped early: {reason}" in " ".join(result.stdout.split())
+    # A new run judges its own trials: it runs at least `patience` of them before it may stop again.
+    again = invoke("optimize", "--space", path, "--n-trials", "2")
+    assert again.exit_code == 0 and "stopped early" not in again.stdout
+    assert len(load("stale", workdir).trials) == 6 and load("stale", workdir).user_attrs["stopped"] is None
+    # Any improvement counts with min_delta 0: a study that keeps improving is not stopped.
+    keeps = tiny_space(study={"name": "fresh", "n_trials": 3, "artifacts": False, "stop": {"patience": 5}})
+    assert invoke("optimize", "--space", write_space(workdir / "f.yaml", keeps)).exit_code == 0
+    assert len(load("fresh", workdir).trials) == 3

@@ -270,6 +270,8 @@ def optimize(
             progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
             _exit_interrupted()
+    if result.user_attrs.get("stopped"):
+        out.print(f"stopped early: {result.user_attrs['stopped']}", highlight=False)
     _print_best(result, spec.study.metric)
     shown = redact(storage_url)
     dashboard_cmd = f"tuner dashboard --study {spec.study.name}" + ("" if storage is None else f" --storage '{shown}'")

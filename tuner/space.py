@@ -124,6 +124,13 @@ class ThresholdSettings(_Frozen):
     recall: Annotated[float, Field(gt=0.0, le=1.0)] = 0.95  # for target_recall
 
 
+class StopSettings(_Frozen):
+    """End the study when its best value has not improved by ``min_delta`` in the last ``patience`` finished trials."""
+
+    patience: Annotated[int, Field(ge=1)]
+    min_delta: Annotated[float, Field(ge=0.0)] = 0.0
+
+
 class StudySettings(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
     metric: Literal[METRICS] = "val_auroc"  # type: ignore[valid-type]
@@ -136,6 +143,7 @@ class StudySettings(_Frozen):
     cv_folds: Annotated[int, Field(ge=2, le=20)] | None = None  # k-fold cross-validated objective over train+val
     artifacts: bool = True  # plots and per-class metrics of each completed trial, for the dashboard
     save_checkpoints: bool = False  # also each completed trial's best weights, as an artifact
+    stop: StopSettings | None = None  # end early once the best value stops improving (all workers)
 
     @property
     def resolved_direction(self) -> str:
@@ -319,7 +327,7 @@ class SearchSpace(_Frozen):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the experiment (not of n_trials / timeout / device)."""
-        content = self.model_dump(mode="json", exclude={"study": {"n_trials", "timeout", "name"}})
+        content = self.model_dump(mode="json", exclude={"study": {"n_trials", "timeout", "name", "stop"}})
         for resource in ("device", "min_batch_size"):  # where it runs, not what it computes
             content["train"].pop(resource, None)
         text = json.dumps(content, sort_keys=True)

@@ -40,6 +40,7 @@ from tuner.errors import StorageError, TunerError
 from tuner.resources import gpu_slots, see_only_gpu, threads_per_worker, use_threads, worker_name
 from tuner.space import SearchSpace
 from tuner.study import (
+    FINISHED,
     STUDIES_DIR,
     EpochProgress,
     Objective,
@@ -159,6 +160,31 @@ class _AfterTrial:
             )
 
 
+def stagnation(study: optuna.Study, space: SearchSpace) -> str | None:
+    """Why the study should stop (``study.stop``), or None: among the trials finished in this run, the
+    last ``patience`` did not improve the best value found before them by ``min_delta``."""
+    stop = space.study.stop
+    if stop is None:
+        return None
+    began = int(study.user_attrs.get("run_began_at", 0))
+    finished = sorted(
+        (t for t in study.get_trials(deepcopy=False, states=FINISHED) if t.datetime_complete is not None),
+        key=lambda t: t.datetime_complete,  # type: ignore[arg-type,return-value]
+    )
+    window, before = finished[-stop.patience :], finished[: -stop.patience]
+    if len(window) < stop.patience or any(t.number < began for t in window):
+        return None
+    sign = 1.0 if space.study.resolved_direction == "maximize" else -1.0
+    earlier = [sign * t.value for t in before if t.state == TrialState.COMPLETE and t.value is not None]
+    recent = [sign * t.value for t in window if t.state == TrialState.COMPLETE and t.value is not None]
+    if not earlier or (recent and max(recent) - max(earlier) >= stop.min_delta):
+        return None
+    return (
+        f"{space.study.metric} did not improve by {stop.min_delta} in the last {stop.patience} finished trials "
+        f"(best {sign * max(earlier):.4g})"
+    )
+
+
 def _give_back_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     """Heartbeat-stale trial (its worker died): give the start back; Optuna's callback re-queues it."""
     TrialBudget(study).give_back()
@@ -246,6 +272,8 @@ def _trials_until_done(
 ) -> None:
     deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
     while deadline is None or time.monotonic() < deadline:
+        if space.study.stop is not None and _stopped(study, space):
+            return
         if after_trial.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             # Failed trials are replaced to keep the total exact; a space in which everything fails would loop forever.
             raise TunerError(
@@ -276,6 +304,18 @@ def _trials_until_done(
             time.sleep(POLL_SECONDS)
         else:
             return
+
+
+def _stopped(study: optuna.Study, space: SearchSpace) -> bool:
+    """The study stopped improving (said by any worker, or found now and recorded for all of them)."""
+    if study.user_attrs.get("stopped"):
+        return True
+    reason = stagnation(study, space)
+    if reason is None:
+        return False
+    study.set_user_attr("stopped", reason)
+    log.warning("stopping the study: %s", reason)
+    return True
 
 
 def _worker_main(kwargs: dict) -> None:
@@ -336,6 +376,9 @@ def run_optimize(
     budget = TrialBudget(study)
     if not join:
         budget.add(space.study.n_trials, others_running=_open_trials(study))
+        # study.stop judges the trials of this run only; an earlier run's stop does not hold for it.
+        study.set_user_attr("run_began_at", len(study.get_trials(deepcopy=False)))
+        study.set_user_attr("stopped", None)
     common = {"space": space, "storage_url": storage_url, "cache_dir": cache_dir, "heartbeat": heartbeat}
     if n_workers == 1:
         gpu = slots[0] if slots else None
