@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.servers import postgres_bindir, postgres_server
 from tuner.cli import app
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -126,46 +130,13 @@ def lesion_npz(tmp_path: Path) -> Path:
     return path
 
 
-def _postgres_bindir() -> Path | None:
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: float(p.parent.parent.name))
-    if candidates:
-        return candidates[-1].parent
-    found = shutil.which("initdb")
-    return Path(found).parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
     """A real PostgreSQL server on loopback, started for this test session and stopped after it."""
-    bindir = _postgres_bindir()
-    if bindir is None:
+    if postgres_bindir() is None:
         pytest.skip("PostgreSQL server binaries not found (.ci/run installs Debian's postgresql)")
-    # Not under pytest's tmp folders: those are private to root, and the server runs as postgres.
-    root = Path(tempfile.mkdtemp(prefix="tuner-pg-"))
-    data = root / "data"
-    # initdb and postgres refuse to run as root: run them as the postgres user when we are root.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(root, "postgres")
-        root.chmod(0o755)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
-    run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tuner", "--no-sync")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "-t", "60", "start")
-    try:
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(f"postgresql://tuner@127.0.0.1:{port}/postgres", isolation_level="AUTOCOMMIT")
-        with engine.connect() as con:
-            con.execute(sa.text("CREATE DATABASE tuner"))
-        engine.dispose()
-        yield f"postgresql://tuner@127.0.0.1:{port}/tuner"
-    finally:
-        run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with postgres_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +154,106 @@ def tiny_device_data(tmp_path_factory):
         synthetic_options={"n_images": 200, "minority_fraction": 0.25},
     )
     return DeviceData.from_dataset(ds, torch.device("cpu"))
+
+
+SLURM_DAEMONS = ("munged", "slurmctld", "slurmd")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A one-node Slurm cluster on loopback (Debian's munge, slurmctld and slurmd, run as root), started
+    for this test session and stopped after it. Yields the environment sbatch and squeue need."""
+    missing = [d for d in SLURM_DAEMONS if shutil.which(d) is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{', '.join(missing)} not installed; .ci/run installs slurmctld, slurmd and munge")
+        pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs slurmctld, slurmd and munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the one-node Slurm cluster runs its daemons as root")
+    root = Path(tempfile.mkdtemp(prefix="tuner-slurm-"))
+    (root / "munge").mkdir(mode=0o700)
+    for folder in ("state", "spool"):
+        (root / folder).mkdir()
+    key = root / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o600)
+    socket_path = root / "munge" / "munge.socket"
+    subprocess.run(
+        [
+            shutil.which("munged"),
+            f"--key-file={key}",
+            f"--socket={socket_path}",
+            f"--pid-file={root / 'munge' / 'munged.pid'}",
+            f"--log-file={root / 'munge' / 'munged.log'}",
+            f"--seed-file={root / 'munge' / 'seed'}",
+            "--force",
+        ],
+        check=True,
+    )
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    host = socket.gethostname()
+    conf = root / "slurm.conf"
+    conf.write_text(
+        f"""ClusterName=tuner
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={socket_path}
+CredType=cred/munge
+StateSaveLocation={root / "state"}
+SlurmdSpoolDir={root / "spool"}
+SlurmctldPidFile={root / "slurmctld.pid"}
+SlurmdPidFile={root / "slurmd.pid"}
+SlurmctldLogFile={root / "slurmctld.log"}
+SlurmdLogFile={root / "slurmd.log"}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=2000 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+"""
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    daemons = [
+        subprocess.Popen(
+            [shutil.which(name), "-D", "-f", str(conf)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+        )
+        for name in ("slurmctld", "slurmd")
+    ]
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.5)
+        else:
+            log = (root / "slurmctld.log").read_text() if (root / "slurmctld.log").exists() else ""
+            pytest.fail(f"the Slurm node never became idle (sinfo: {state!r}); slurmctld log:\n{log[-2000:]}")
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+        for daemon in daemons:
+            daemon.terminate()
+        for daemon in daemons:
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        pid_file = root / "munge" / "munged.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        shutil.rmtree(root, ignore_errors=True)

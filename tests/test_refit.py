@@ -32,12 +32,13 @@ def optimized(workdir, lesion_npz) -> optuna.Study:
     return load_existing_study("tiny", None)
 
 
-def _read_predictions(path: Path) -> dict[int, np.ndarray]:
-    rows: dict[int, list] = {}
+def _read_predictions(path: Path) -> dict[str, np.ndarray]:
+    """Probabilities per model: ``seed N`` rows per seed, ``final`` for the saved model."""
+    rows: dict[str, list] = {}
     with path.open() as fh:
         for row in csv.DictReader(fh):
-            rows.setdefault(int(row["seed"]), []).append(row)
-    return {seed: np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rs]) for seed, rs in rows.items()}
+            rows.setdefault(row["model"], []).append(row)
+    return {name: np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rs]) for name, rs in rows.items()}
 
 
 def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, lesion_npz):
@@ -53,10 +54,13 @@ def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, 
     assert report["trial"] == best.number and report["hparams"] == best.user_attrs["hparams"]
     assert report["params"] == best.params and report["epochs"] == best.user_attrs["best_epoch"]
     assert report["threshold"] == best.user_attrs["threshold"]
-    mean_probs = np.mean(list(_read_predictions(out / "predictions.csv").values()), 0)
+    predictions = _read_predictions(out / "predictions.csv")
+    final = predictions.pop("final")
+    np.testing.assert_allclose(final, np.mean(list(predictions.values()), 0), atol=2e-6)
     target = (np.load(lesion_npz)["test_labels"][:, 0] == 1).astype(int)
-    assert report["seed_ensemble"]["auroc"] == pytest.approx(roc_auc_score(target, mean_probs[:, 1]), abs=1e-4)
-    assert "seeds' models averaged: AUROC" in result.stdout
+    assert report["final"]["auroc"] == pytest.approx(roc_auc_score(target, final[:, 1]), abs=1e-4)
+    assert report["final"]["networks"] == 2 and report["final"]["threshold"] == best.user_attrs["threshold"]
+    assert "final model = the 2 networks averaged (2 seed(s))" in result.stdout
     assert report["seeds"] == [best.user_attrs["seed"], best.user_attrs["seed"] + 1000]
     assert report["n_train"] == 290 and report["n_test"] == 70
     for name in ("auroc", "auprc", "recall", "specificity", "f1", "mcc"):
@@ -67,8 +71,8 @@ def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, 
 
     # AUROC in the report equals scikit-learn's on the saved predictions.
     test = np.load(lesion_npz)["test_labels"][:, 0]
-    for seed, probs in _read_predictions(out / "predictions.csv").items():
-        per_seed = next(m for m in report["per_seed"] if m["seed"] == seed)
+    for name, probs in predictions.items():
+        per_seed = next(m for m in report["per_seed"] if f"seed {m['seed']}" == name)
         assert per_seed["auroc"] == pytest.approx(roc_auc_score(test == 1, probs[:, 1]), abs=1e-4)
 
     # The audit shows exactly one read of the test labels, by this refit.
@@ -148,8 +152,9 @@ def test_saved_model_evaluates_and_predicts_identically_after_reload(optimized, 
     test = np.load(lesion_npz)
     images = test["test_images"].transpose(0, 3, 1, 2)
     reloaded = saved.probabilities(images).numpy()
-    written = next(iter(_read_predictions(out / "predictions.csv").values()))
-    np.testing.assert_allclose(reloaded, written, atol=2e-6)
+    written = _read_predictions(out / "predictions.csv")
+    np.testing.assert_allclose(reloaded, written["final"], atol=2e-6)
+    np.testing.assert_allclose(reloaded, written[f"seed {saved.info['seed']}"], atol=2e-6)  # one seed: one network
 
     evaluated = invoke(
         "evaluate", "--model", out / "model.pt", "--data", lesion_npz, "--out", "evaluation", "--bootstrap", "50"
@@ -175,6 +180,78 @@ def test_saved_model_evaluates_and_predicts_identically_after_reload(optimized, 
     for row, expected in zip(rows, reloaded[:4], strict=True):
         assert float(row["p_malignant"]) == pytest.approx(expected[1], abs=1e-5)
         assert row["label"] == ("malignant" if expected[1] >= saved.threshold else "benign")
+
+
+def test_fold_ensemble_with_tta_is_saved_and_reproduced_by_evaluate(optimized, workdir, lesion_npz, tmp_path):
+    """--folds K --tta flip: K networks per seed, a threshold from their out-of-fold predictions, and one
+    saved model (every network, every view) that evaluate and predict reproduce to the last digit."""
+    result = invoke("refit", "--study", "tiny", "--seeds", "2", "--folds", "3", "--tta", "flip", "--bootstrap", "100")
+    assert result.exit_code == 0, result.output
+    out = workdir / "studies" / "tiny" / "refit"
+    report = json.loads((out / "report.json").read_text())
+    assert report["final"]["networks"] == 6 and report["folds"] == 3 and report["tta"] == "flip"
+    assert "final model = the 6 networks averaged (3 folds × 2 seeds, TTA flip)" in result.stdout
+    assert "out-of-fold" in report["threshold_rule"]
+
+    # Every train+val item has one out-of-fold probability per seed; the thresholds are the study's
+    # rule (max_f1) applied to them: per seed, and to their mean for the final model.
+    oof = _read_predictions(out / "oof_predictions.csv")
+    ds = load_dataset(
+        str(lesion_npz),
+        image_size=16,
+        cache_dir=workdir / "studies" / "cache",
+        label_aliases={"0": "benign", "1": "malignant"},
+    )
+    tv_target = torch.from_numpy(np.concatenate([ds.train.labels, ds.val.labels]))
+    assert {len(v) for v in oof.values()} == {len(tv_target)} == {report["n_train"]}
+    positive = ds.class_names.index("malignant")
+    for row in report["per_seed"]:
+        probs = torch.from_numpy(oof[f"seed {row['seed']}"]).float()
+        expected = choose_threshold(probs, tv_target, positive_index=positive, rule="max_f1")
+        assert row["threshold"] == pytest.approx(expected, abs=1e-5)
+    mean_oof = torch.from_numpy(np.mean(list(oof.values()), 0)).float()
+    expected = choose_threshold(mean_oof, tv_target, positive_index=positive, rule="max_f1")
+    assert report["threshold"] == report["final"]["threshold"] == pytest.approx(expected, abs=1e-5)
+
+    # The saved model is the final one: all six networks, flip TTA, the final threshold.
+    saved = load_model(out / "model.pt")
+    assert len(saved.models) == 6 and saved.tta == "flip" and saved.threshold == report["threshold"]
+    images = np.load(lesion_npz)["test_images"].transpose(0, 3, 1, 2)
+    final = _read_predictions(out / "predictions.csv")["final"]
+    np.testing.assert_allclose(saved.probabilities(images).numpy(), final, atol=2e-6)
+    flipped = saved.probabilities(images[..., ::-1].copy()).numpy()  # TTA flip: left-right symmetric
+    np.testing.assert_allclose(flipped, final, atol=1e-5)
+
+    evaluated = invoke(
+        "evaluate", "--model", out / "model.pt", "--data", lesion_npz, "--out", "evaluation", "--bootstrap", "100"
+    )
+    assert evaluated.exit_code == 0, evaluated.output
+    ev = json.loads((workdir / "evaluation" / "report.json").read_text())
+    for name in ("auroc", "auprc", "recall", "specificity", "f1", "confusion_matrix"):
+        assert ev["metrics"][name] == report["final"][name], name
+    # The averaged networks beat nothing by construction, but they are reported beside one network alone.
+    assert set(report["single_network"]) >= {"auroc", "recall"}
+
+    from PIL import Image
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.load(lesion_npz)["test_images"][i]).save(files[-1])
+    predicted = invoke("predict", "--model", out / "model.pt", *files)
+    assert predicted.exit_code == 0, predicted.output
+    for row, expected_row in zip(csv.DictReader(predicted.stdout.splitlines()), final[:3], strict=True):
+        assert float(row["p_malignant"]) == pytest.approx(expected_row[1], abs=1e-5)
+
+
+def test_refit_rejects_bad_folds_and_tta(optimized):
+    for args, message in (
+        (("--folds", "1"), "folds must be between 2 and 20, but got folds=1"),
+        (("--tta", "rotate"), "tta must be one of none, flip, flips, but got tta='rotate'"),
+    ):
+        result = invoke("refit", "--study", "tiny", *args)
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    assert load_existing_study("tiny", None).user_attrs["test_set_reads"] == []
 
 
 def test_study_report(optimized, workdir):
@@ -288,3 +365,21 @@ def test_replay_accepts_hyperparameters_added_since_at_their_defaults_only():
     changed = parse_space(tiny_space(params={"pooling": "max"}))
     with pytest.raises(TunerError, match=r"differs: pooling"):
         replay_hparams(trial, changed)
+
+
+def test_out_of_fold_threshold_holds_recall_steadier_across_seeds_than_the_trials(workdir, breastmnist):
+    """BreastMNIST: the trial's threshold, frozen and applied to networks retrained with other seeds, lets
+    test recall swing; the threshold chosen on the same recipe's out-of-fold predictions holds it steadier."""
+    import yaml
+
+    space = yaml.safe_load((Path(__file__).parents[1] / "search_spaces" / "breast.yaml").read_text())
+    space["study"]["n_trials"] = 6
+    space["data"]["source"] = str(breastmnist)
+    assert invoke("optimize", "--space", write_space(workdir / "breast.yaml", space), "-q").exit_code == 0
+    recall_sd = {}
+    for name, extra in (("frozen", []), ("oof", ["--folds", "3"])):
+        result = invoke("refit", "--study", "breast", "--seeds", "5", "--out", name, "--bootstrap", "50", *extra)
+        assert result.exit_code == 0, result.output
+        report = json.loads((workdir / name / "report.json").read_text())
+        recall_sd[name] = report["summary"]["recall"]["sd"]
+    assert recall_sd["oof"] < 0.6 * recall_sd["frozen"], recall_sd

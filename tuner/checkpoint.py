@@ -1,16 +1,18 @@
 """A saved model: weights plus everything needed to rebuild and use it, and nothing else.
 
-``model.pt`` holds ``{state_dict, hparams, space, class_names, image_size,
-channels, normalize, threshold, positive_index, seed, versions, provenance}``.
-:func:`load_model` rebuilds the network from those fields alone, so
-``evaluate`` and ``predict`` need neither the study nor the space file.
+``model.pt`` holds ``{state_dicts, tta, hparams, space, class_names, image_size,
+channels, normalize, threshold, positive_index, seed, versions, provenance}``:
+one network, or several of one recipe (seeds, folds) whose probabilities are
+averaged, each over the ``tta`` views. :func:`load_model` rebuilds the networks
+from those fields alone, so ``evaluate`` and ``predict`` need neither the study
+nor the space file. Files of format 1 (one ``state_dict``, no TTA) still load.
 """
 
 from __future__ import annotations
 
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +22,21 @@ import timm
 import torch
 
 from tuner import __version__
-from tuner.data.loader import Normalize, TensorSplit, iterate_batches
-from tuner.engine import predict
+from tuner.data.loader import Normalize
 from tuner.errors import TunerError
 from tuner.hparams import Hyperparameters
-from tuner.losses import logits_to_probs
+from tuner.inference import average_probabilities, check_tta
 from tuner.models import Classifier
 from tuner.training import build_classifier
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 @dataclass(frozen=True)
 class SavedModel:
-    model: Classifier
+    models: tuple[Classifier, ...]  # averaged
+    tta: str
     hparams: Hyperparameters
     class_names: tuple[str, ...]
     image_size: int
@@ -44,13 +47,17 @@ class SavedModel:
     info: dict[str, Any]
 
     def probabilities(self, images: np.ndarray, *, batch_size: int = 256) -> torch.Tensor:
-        """Class probabilities for uint8 images N×C×S×S (already at this model's size)."""
-        device = next(self.model.parameters()).device
-        split = TensorSplit.from_numpy(images, np.zeros(len(images), dtype=np.int64), device)
-        batches = iterate_batches(split, torch.arange(len(split)), batch_size, normalize=self.normalize)
-        to_probs = partial(logits_to_probs, num_classes=len(self.class_names), positive_index=self.positive_index)
-        probs, _, _ = predict(self.model, batches, to_probs=to_probs)
-        return probs.cpu()
+        """Class probabilities for uint8 images N×C×S×S (already at this model's size): the mean over the
+        networks and the test-time views, exactly as refit computed them."""
+        return average_probabilities(
+            self.models,
+            images,
+            normalize=self.normalize,
+            num_classes=len(self.class_names),
+            positive_index=self.positive_index,
+            tta=self.tta,
+            batch_size=batch_size,
+        )
 
     def decide(self, probs: torch.Tensor) -> torch.Tensor:
         """Predicted class per row: the frozen threshold on the positive class (binary) or arg-max."""
@@ -62,8 +69,9 @@ class SavedModel:
 
 def save_model(
     path: Path,
-    model: Classifier,
+    models: Sequence[Classifier],
     *,
+    tta: str = "none",
     hparams: Hyperparameters,
     space: dict,
     class_names: tuple[str, ...],
@@ -77,7 +85,8 @@ def save_model(
 ) -> Path:
     payload = {
         "format": FORMAT,
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dicts": [{k: v.detach().cpu() for k, v in model.state_dict().items()} for model in models],
+        "tta": check_tta(tta),
         "hparams": hparams.model_dump(mode="json"),
         "space": space,
         "class_names": list(class_names),
@@ -110,18 +119,26 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> SavedModel:
         raise TunerError(f"model file {path} does not exist") from None
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
         raise TunerError(f"cannot read model file {path}: {type(err).__name__}: {err}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise TunerError(f"{path} is not a tuner model file (format {FORMAT})")
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        raise TunerError(f"{path} is not a tuner model file (format {' or '.join(map(str, READABLE_FORMATS))})")
     hparams = Hyperparameters(**payload["hparams"])
     class_names = tuple(payload["class_names"])
-    model = build_classifier(
-        hparams, num_classes=len(class_names), channels=payload["channels"], image_size=payload["image_size"]
-    )
-    model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
+    states = payload["state_dicts"] if "state_dicts" in payload else [payload["state_dict"]]
+    models = []
+    for state in states:
+        # The saved weights replace everything the pretrained file would give: no need for that file here.
+        model = build_classifier(
+            hparams.model_copy(update={"pretrained": False}),
+            num_classes=len(class_names),
+            channels=payload["channels"],
+            image_size=payload["image_size"],
+        )
+        model.load_state_dict(state)
+        models.append(model.to(device).eval())
     norm = payload["normalize"]
     return SavedModel(
-        model=model,
+        models=tuple(models),
+        tta=payload.get("tta", "none"),
         hparams=hparams,
         class_names=class_names,
         image_size=payload["image_size"],

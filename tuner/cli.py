@@ -163,6 +163,10 @@ def optimize(
     join: Annotated[
         bool, typer.Option("--join", help="Add no trials: help finish the study's remaining ones (another machine).")
     ] = False,
+    plan: Annotated[
+        bool,
+        typer.Option("--plan", help="Create the study and add its trials, run none: --join workers run them (Slurm)."),
+    ] = False,
     artifacts: Annotated[
         Optional[Path],
         typer.Option(
@@ -191,7 +195,7 @@ def optimize(
     """
     from tuner.space import load_space, parse_assignments
     from tuner.study import redact
-    from tuner.workers import run_optimize
+    from tuner.workers import TrialBudget, run_optimize
 
     _setup_logging(verbose, quiet)
     overrides = {
@@ -209,18 +213,20 @@ def optimize(
         from tuner.study import load_existing_study
 
         donor = load_existing_study(warm_start, warm_start_storage or storage)
-    total = 0 if join else spec.study.n_trials
+    total = 0 if join or plan else spec.study.n_trials
     progress = _progress(quiet)
 
     def report_trial(study_: Any, trial: Any) -> None:
-        from tuner.study import trial_summary
+        from tuner.study import best_value, trial_summary
 
         s = trial_summary(trial)
-        best = study_.best_value if any(t.state.name == "COMPLETE" for t in study_.get_trials(deepcopy=False)) else None
+        best = best_value(study_)
+        if trial.user_attrs.get("feasible") is False:
+            s["reason"] = s["reason"] or "outside study.constraints"
         detail = s["reason"] or f"best epoch {s['best_epoch']}"
         progress.console.print(
             f"trial {s['number']:>3} {s['state']:<8} {spec.study.metric}={_fmt(s['value']):<7} "
-            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best)}",
+            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best) if best is not None else '-'}",
             highlight=False,
             soft_wrap=True,
         )
@@ -265,11 +271,16 @@ def optimize(
                 heartbeat=heartbeat,
                 warm_start_from=donor,
                 warm_start_top_k=top_k,
+                plan=plan,
             )
         except KeyboardInterrupt:
             progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
             _exit_interrupted()
+    if plan:
+        left = TrialBudget(result).left()
+        out.print(f"planned study {spec.study.name}: {left} trials for workers started with --join", highlight=False)
+        return
     if result.user_attrs.get("stopped"):
         out.print(f"stopped early: {result.user_attrs['stopped']}", highlight=False)
     _print_best(result, spec.study.metric)
@@ -336,8 +347,18 @@ def _print_best(study: Any, metric: str) -> None:
     if not counts["COMPLETE"]:
         out.print("no trial completed yet")
         return
-    best = study.best_trial
+    from tuner.study import best_trial
+
+    try:
+        best = best_trial(study)
+    except TunerError as err:  # no trial within study.constraints: said, and the study itself went fine
+        out.print(str(err), highlight=False)
+        return
     out.print(f"best trial {best.number}: {metric}={_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
+    if best.user_attrs.get("constraint_values"):
+        met = ", ".join(f"{k}={_fmt(v)}" for k, v in best.user_attrs["constraint_values"].items())
+        n_feasible = sum(t.user_attrs.get("feasible", True) for t in trials if t.state == TrialState.COMPLETE)
+        out.print(f"  within study.constraints ({met}); {n_feasible} of {counts['COMPLETE']} completed trials are")
     for key, value in best.params.items():
         out.print(f"  {key} = {_fmt(value)}")
 
@@ -359,6 +380,9 @@ def trials(
     metric = s.user_attrs.get("space", {}).get("study", {}).get("metric", "value")
     names = sorted({k for r in rows for k in r["params"]})
     table = Table(title=f"{study}: {len(rows)} trials")
+    for r in rows:
+        if r["feasible"] is False:  # study.constraints: never the best, whatever its value
+            r["reason"] = r["reason"] or "outside study.constraints"
     for col in ("#", "state", metric, "best epoch", *names, "s", "note"):
         table.add_column(col, justify="right" if col not in ("state", "note") else "left")
     for r in rows[:limit]:
@@ -387,14 +411,11 @@ def best(
     storage: StorageOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """The best trial: value, params, best epoch."""
-    from tuner.study import load_existing_study, trial_summary
+    """The best trial (within study.constraints): value, params, best epoch."""
+    from tuner.study import best_trial, load_existing_study, trial_summary
 
     s = load_existing_study(study, storage)
-    completed = [t for t in s.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not completed:
-        raise TunerError(f"study {study!r} has no completed trial yet")
-    trial = s.best_trial
+    trial = best_trial(s)
     summary = trial_summary(trial)
     summary["metric"] = s.user_attrs.get("space", {}).get("study", {}).get("metric")
     summary["hparams"] = trial.user_attrs.get("hparams")
@@ -457,6 +478,17 @@ def refit(
     seeds: Annotated[
         int, typer.Option("--seeds", help="Repeat with this many seeds: mean, sd and a bootstrap 95% CI.")
     ] = 1,
+    folds: Annotated[
+        Optional[int],
+        typer.Option(
+            "--folds",
+            help="Per seed, train K networks on K folds of train+val (each leaves one out) and average them; "
+            "the threshold comes from their out-of-fold predictions.",
+        ),
+    ] = None,
+    tta: Annotated[
+        str, typer.Option("--tta", help="Test-time augmentation: none, flip (left-right) or flips (both axes).")
+    ] = "none",
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", help="Output folder; default studies/<study>/refit.")
     ] = None,
@@ -485,11 +517,13 @@ def refit(
     s = load_existing_study(study, storage)
     progress = _progress(quiet)
     with progress:
-        task = progress.add_task("seeds", total=seeds)
+        task = progress.add_task("networks", total=seeds * (folds or 1))
         report = run_refit(
             s,
             trial_number=trial,
             seeds=seeds,
+            folds=folds,
+            tta=tta,
             out_dir=out_dir,
             data=data,
             cache_dir=cache_dir,
@@ -497,7 +531,7 @@ def refit(
             allow_test_reuse=allow_test_reuse,
             force=force,
             n_bootstrap=bootstrap,
-            on_seed=lambda done, total: progress.update(task, completed=done),
+            on_model=lambda done, total: progress.update(task, completed=done),
             top_k=top_k,
         )
     if report["rescoring"]:
@@ -578,28 +612,41 @@ def ensemble(
 def _print_test_summary(report: dict, headline: str) -> None:
     out.print(headline, highlight=False)
     if report.get("positive_class"):
-        out.print(
-            f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} (chosen on validation)"
-        )
+        rule = report.get("threshold_rule") or "chosen on validation"
+        out.print(f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} ({rule})")
+    final, single = report.get("final_summary"), report.get("single_network")
+    seeds = len(report.get("seeds") or [None])
     table = Table(title=f"test set, n={report['n_test']}")
-    for col in ("metric", "mean", "sd", "95% CI"):
+    columns = ["metric", "mean", "sd", "95% CI"] if final is None else ["metric", f"per seed ({seeds})", "95% CI"]
+    if final is not None:
+        columns += [f"final ({report['final']['networks']} networks)", "95% CI "]
+    if single is not None:
+        columns.append("one network")
+    for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
     if report["summary"].get("focus_recall"):
         out.print(f"focus class {report.get('positive_class')}: its recall and precision come first")
     names = ("focus_recall", "focus_precision", "auroc", "auprc", "recall", "specificity", "precision", "f1")
     for name in (*names, "balanced_accuracy", "accuracy", "mcc"):
         m = report["summary"].get(name)
-        if m:
-            ci = "" if m["ci_low"] is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
-            table.add_row(name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", ci)
+        if not m:
+            continue
+        if final is None:
+            table.add_row(name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", _ci(m))
+            continue
+        row = [name, f"{m['mean']:.4f} ± {m['sd']:.4f}", _ci(m), f"{final[name]['mean']:.4f}", _ci(final[name])]
+        if single is not None:
+            row.append(f"{single[name]['mean']:.4f} ± {single[name]['sd']:.4f}")
+        table.add_row(*row)
     out.print(table)
-    joint = report.get("seed_ensemble")
-    if joint:
-        out.print(
-            f"the {len(report['seeds'])} seeds' models averaged: AUROC {joint['auroc']:.4f}, AUPRC {joint['auprc']:.4f}, "
-            f"recall {joint['recall']:.4f}, specificity {joint['specificity']:.4f}",
-            highlight=False,
-        )
+    if final is not None:
+        how = f"{report['folds']} folds × {seeds} seeds" if report.get("folds") else f"{seeds} seed(s)"
+        tta = f", TTA {report['tta']}" if report.get("tta", "none") != "none" else ""
+        out.print(f"final model = the {report['final']['networks']} networks averaged ({how}{tta})", highlight=False)
+
+
+def _ci(m: dict) -> str:
+    return "" if m.get("ci_low") is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
 
 
 @app.command()
@@ -617,7 +664,7 @@ def evaluate(
     bootstrap: BootstrapOpt = 1000,
 ) -> None:
     """Evaluate a saved model on a data set, with its frozen threshold."""
-    from tuner.refit import evaluate as run_evaluate
+    from tuner.evaluation import evaluate as run_evaluate
 
     report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, n_bootstrap=bootstrap)
     _print_test_summary(report, f"{model} on {report['data']} ({report['split']})")

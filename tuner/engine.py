@@ -123,8 +123,10 @@ def train_one_epoch(
     grad_clip: float = 0.0,
     amp: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """One pass; returns the summed loss (a device tensor, not synced) and the number of images."""
+    """One pass; returns the summed loss (a device tensor, not synced) and the number of images.
+    ``on_step`` is called after each optimizer step (weight averaging)."""
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
@@ -142,10 +144,14 @@ def train_one_epoch(
         if pending == accumulate_steps:
             _optimizer_step(model, optimizer, scaler, grad_clip)
             schedule.after_step()
+            if on_step is not None:
+                on_step()
             pending = 0
     if pending:
         _optimizer_step(model, optimizer, scaler, grad_clip)
         schedule.after_step()
+        if on_step is not None:
+            on_step()
     return loss_sum, images
 
 
@@ -168,6 +174,26 @@ def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
+def _weight_average(model: nn.Module, decay: float) -> tuple[nn.Module, Callable[[], None] | None]:
+    """The model to validate and keep, and what to do after each optimizer step: with ``decay`` > 0 an
+    exponential moving average of ``model`` updated after every step; else ``model`` itself."""
+    if decay == 0:
+        return model, None
+    from timm.utils import ModelEmaV3
+
+    # Warm-up (power 3/4, timm's advice for shorter runs): the decay grows from 0 towards ``decay``,
+    # so the first epochs are not averaged with the random or pretrained start.
+    ema = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=0.75)
+    steps = 0
+
+    def update() -> None:
+        nonlocal steps
+        steps += 1
+        ema.update(model, step=steps)
+
+    return ema.module, update
+
+
 def _check_fit_arguments(
     *,
     max_epochs: int,
@@ -177,6 +203,7 @@ def _check_fit_arguments(
     accumulate_steps: int,
     grad_clip: float,
     validating: bool,
+    ema_decay: float = 0.0,
 ) -> None:
     """Like Optuna's constructors: each rule stated, the value echoed, before the first step."""
     if max_epochs < 1:
@@ -189,6 +216,8 @@ def _check_fit_arguments(
         raise ValueError(f"accumulate_steps must be at least 1, but got accumulate_steps={accumulate_steps}")
     if not (grad_clip >= 0):  # also catches NaN
         raise ValueError(f"grad_clip must be 0 (off) or positive, but got grad_clip={grad_clip}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be 0 (off) or in (0, 1), but got ema_decay={ema_decay}")
     if not validating and monitor != "train_loss":
         raise ValueError(f"without validation batches monitor must be 'train_loss', but got monitor={monitor!r}")
 
@@ -211,6 +240,7 @@ def fit(
     grad_clip: float = 0.0,
     amp: bool = False,
     amp_dtype: torch.dtype | None = None,
+    ema_decay: float = 0.0,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> FitResult:
     """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches.
@@ -220,6 +250,10 @@ def fit(
 
     ``amp``: mixed precision in ``amp_dtype`` (default: the device's, see :func:`default_amp_dtype`);
     fp16 brings a gradient scaler, which skips the steps whose gradients overflowed.
+
+    ``ema_decay`` > 0 keeps an exponential moving average of the weights (timm's ``ModelEmaV3``, its
+    decay warmed up over the first steps, as short runs need): validation, the best epoch's state and
+    the model returned are the averaged weights.
     """
     _check_fit_arguments(
         max_epochs=max_epochs,
@@ -229,8 +263,10 @@ def fit(
         accumulate_steps=accumulate_steps,
         grad_clip=grad_clip,
         validating=val_batches is not None,
+        ema_decay=ema_decay,
     )
     device = next(model.parameters()).device
+    averaged, on_step = _weight_average(model, ema_decay)
     dtype = (amp_dtype or default_amp_dtype(device)) if amp else None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if device.type == "cuda":
@@ -255,6 +291,7 @@ def fit(
             grad_clip=grad_clip,
             amp=dtype,
             scaler=scaler,
+            on_step=on_step,
         )
         train_loss = float(loss_sum) / max(images, 1)  # one sync per epoch
         if not math.isfinite(train_loss):
@@ -262,7 +299,7 @@ def fit(
         train_done = time.perf_counter()
         metrics = {"train_loss": train_loss}
         if val_batches is not None:
-            probs, targets, val_loss = predict(model, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=dtype)
+            probs, targets, val_loss = predict(averaged, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=dtype)
             metrics["val_loss"] = val_loss
             metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
@@ -281,13 +318,15 @@ def fit(
         improved = math.isfinite(value) and (not best_epoch or sign * value > sign * best_value)
         if improved and val_batches is not None:
             best_value, best_epoch, best_probs = value, epoch, probs
-            best_state = _cpu_copy(model)
+            best_state = _cpu_copy(averaged)
         log.debug("epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if patience is not None and best_epoch and epoch - best_epoch >= patience:
             stopped_early = True
             break
+    if averaged is not model:
+        model.load_state_dict(averaged.state_dict())
     if not best_epoch:  # no validation, or never a finite value: keep the last epoch
         best_value, best_epoch, best_state = history.get(monitor, [math.nan])[-1], epoch, _cpu_copy(model)
     return FitResult(

@@ -28,24 +28,22 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.data import Dataset
 from tuner.engine import resolve_device
 from tuner.errors import TunerError
-from tuner.metrics import choose_threshold
-from tuner.refit import (
+from tuner.evaluation import (
     bootstrap_ci,
     check_test_reuse,
     load_test_data,
     prepare_out_dir,
     record_test_read,
-    refit_one,
-    replay_hparams,
-    study_space,
     summarize,
     test_metric_fn,
     test_reads,
     write_predictions,
 )
+from tuner.metrics import choose_threshold
+from tuner.refit import refit_one, replay_hparams, study_space
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
-from tuner.study import STUDIES_DIR, train_settings
+from tuner.study import STUDIES_DIR, feasible, space_at_size, train_settings
 from tuner.training import DeviceData, train_model
 
 log = logging.getLogger(__name__)
@@ -70,7 +68,7 @@ def pick_members(studies: list[optuna.Study], top_k: int, per_model: bool) -> li
     for study in studies:
         space = study_space(study)
         maximize = study.direction.name == "MAXIMIZE"
-        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
         ranked = sorted(done, key=lambda t: -t.value if maximize else t.value)
         if per_model:
             best_per_model: dict[str, FrozenTrial] = {}
@@ -176,9 +174,10 @@ def ensemble(
     datasets: dict[str, Dataset] = {}
     outputs = []
     for i, m in enumerate(members):
-        data_key = m.space.data.model_dump_json()  # members with the same data settings share one load
+        space = space_at_size(m.space, replay_hparams(m.trial, m.space).image_size)  # a searched image_size
+        data_key = space.data.model_dump_json()  # members with the same data settings share one load
         if data_key not in datasets:
-            datasets[data_key] = load_test_data(m.study, m.space, cache_dir)
+            datasets[data_key] = load_test_data(m.study, space, cache_dir)
         outputs.append(_run_member(m, datasets[data_key], torch_device, out_dir))
         if on_member is not None:
             on_member(i + 1, len(members))

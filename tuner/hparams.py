@@ -33,6 +33,9 @@ class Hyperparameters(BaseModel):
 
     # model
     model: str = "small_cnn"
+    # Side of the (square) images the model sees; None: data.image_size. Searched, each size is decoded
+    # (or resized) once into the cache, like the data's own size.
+    image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     width: Annotated[int, Field(ge=1, le=1024)] = 32
     depth: Annotated[int, Field(ge=1, le=8)] = 3
     batch_norm: bool = True  # small_cnn: BatchNorm after each conv
@@ -66,6 +69,8 @@ class Hyperparameters(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] = 64
     accumulate_steps: Annotated[int, Field(ge=1)] = 1
     grad_clip: Annotated[float, Field(ge=0.0)] = 0.0
+    # Exponential moving average of the weights (0 = off), e.g. 0.99 or 0.999; validated and kept instead.
+    ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
     # learning-rate schedule
     scheduler: Literal[SCHEDULERS] = "none"  # type: ignore[valid-type]
     step_size: Annotated[int, Field(ge=1)] = 10
@@ -73,8 +78,14 @@ class Hyperparameters(BaseModel):
     milestones: tuple[Annotated[int, Field(ge=1)], ...] = (10, 15)
     patience: Annotated[int, Field(ge=0)] = 3
     factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0  # linear warm-up before an epoch schedule (0 = none)
     # augmentation, applied batched on the training device
     augment: Literal[AUGMENTATIONS] = "none"  # type: ignore[valid-type]
+    # Mixup / CutMix: Beta(alpha, alpha) blending of each batch with itself reversed (0 = off), in a
+    # share mixup_prob of the batches; both on: half the blended batches each.
+    mixup_alpha: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    cutmix_alpha: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    mixup_prob: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
 
 
 HPARAM_NAMES: tuple[str, ...] = tuple(Hyperparameters.model_fields)

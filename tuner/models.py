@@ -136,10 +136,13 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     ``pretrained: true`` does what timm does: the weights come from the Hugging Face (or torch hub)
     cache, and on first use are downloaded into it (from ``HF_ENDPOINT`` when set). Offline
     (``HF_HUB_OFFLINE=1``, or no network) only the caches count. ``pretrained: /path/to/file``
-    (safetensors or a ``.pth`` state dict) uses that file.
+    (safetensors or a ``.pth`` state dict) uses that file; ``pretrained: package:<module>/<file>`` a file
+    shipped inside an installed Python package.
     """
     if pretrained is False:
         return None
+    if isinstance(pretrained, str) and pretrained.startswith(PACKAGE_PREFIX):
+        return package_file(pretrained)
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
         if not path.is_file():
@@ -185,6 +188,30 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
         f"(e.g. `hf download {repo}` where there is internet, then copy {_hub_cache()}), "
         f"or save the file anywhere and set pretrained: /path/to/{filenames[0]}"
     )
+
+
+PACKAGE_PREFIX = "package:"
+
+
+def package_file(reference: str) -> Path:
+    """``package:<module>/<file inside it>``: weights shipped in an installed Python package, so a space
+    file can name them the same way on every machine (no site-packages path in it)."""
+    import importlib.resources
+
+    module, _, inner = reference[len(PACKAGE_PREFIX) :].partition("/")
+    if not module or not inner:
+        raise TunerError(f"pretrained: {reference} must read package:<python package>/<file inside it>")
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError:
+        raise TunerError(
+            f"pretrained: {reference} names the Python package {module!r}, which is not installed "
+            f"(pip install {module.replace('_', '-')})"
+        ) from None
+    path = Path(str(root / inner))
+    if not path.is_file():
+        raise TunerError(f"pretrained: {reference}: the package {module!r} has no file {inner!r} ({path})")
+    return path
 
 
 def _hub_endpoint() -> str:

@@ -81,6 +81,42 @@ def build_scheduler(
     patience: int = 3,
     factor: float = 0.1,
     mode: str = "max",
+    warmup_epochs: int = 0,
+) -> LRSchedule:
+    """The LR schedule ``name``; ``warmup_epochs`` > 0 first raises the rate linearly over that many epochs
+    (from 1/(warmup_epochs+1) of it), then hands over to ``name`` for the epochs left."""
+    if warmup_epochs == 0:
+        return _schedule(
+            name, optimizer, max_epochs, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode
+        )
+    if name in ("onecycle", "plateau"):
+        raise TunerError(
+            f"warmup_epochs applies to epoch schedules (none, step, multistep, exponential, cosine), not to "
+            f"scheduler={name!r}" + (" (it warms up by itself)" if name == "onecycle" else "")
+        )
+    if warmup_epochs >= max_epochs:
+        raise TunerError(f"warmup_epochs={warmup_epochs} leaves no epoch of the run (max_epochs={max_epochs})")
+    warmup = lr_scheduler.LinearLR(optimizer, start_factor=1 / (warmup_epochs + 1), total_iters=warmup_epochs)
+    if name == "none":
+        return LRSchedule(warmup, "epoch")
+    rest = max_epochs - warmup_epochs
+    main = _schedule(name, optimizer, rest, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode)
+    return LRSchedule(
+        lr_scheduler.SequentialLR(optimizer, [warmup, main.scheduler], milestones=[warmup_epochs]), "epoch"
+    )
+
+
+def _schedule(
+    name: str,
+    optimizer: torch.optim.Optimizer,
+    max_epochs: int,
+    steps_per_epoch: int,
+    step_size: int,
+    gamma: float,
+    milestones: Sequence[int],
+    patience: int,
+    factor: float,
+    mode: str,
 ) -> LRSchedule:
     if name == "none":
         return LRSchedule(None, "none")

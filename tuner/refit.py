@@ -5,20 +5,18 @@ metric peaked). The LR schedule is planned over the trial's ``max_epochs``
 exactly as in the trial, so those epochs follow the same per-epoch schedule;
 with no validation data left, early stopping is off and ``plateau`` watches the
 training loss. The decision threshold is the one the trial chose on validation,
-frozen. Every read of the test labels is recorded in the study, and evaluating
-a second trial on the same test set is refused unless explicitly allowed.
+frozen, or (with folds) chosen on the recipe's own out-of-fold probabilities.
+The test set is read through :mod:`tuner.evaluation`, which records every read.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import shlex
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
-from functools import partial
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +25,41 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from tuner.checkpoint import load_model, save_model
+from tuner.checkpoint import save_model
 from tuner.data import Dataset
-from tuner.data.dataset import load_labelled_images
-from tuner.data.loader import TensorSplit, iterate_batches
-from tuner.engine import predict, resolve_device
+from tuner.data.loader import Normalize, TensorSplit
+from tuner.data.splits import assign_folds
+from tuner.engine import resolve_device
 from tuner.errors import TunerError
+from tuner.evaluation import (
+    bootstrap_ci,
+    check_test_reuse,
+    load_test_data,
+    prepare_out_dir,
+    record_test_read,
+    summarize,
+    test_metric_fn,
+    test_probabilities,
+    test_reads,
+    write_predictions,
+)
 from tuner.hparams import Hyperparameters
-from tuner.losses import logits_to_probs
-from tuner.metrics import evaluation_report
+from tuner.inference import TTA_VIEWS, average_probabilities
+from tuner.metrics import choose_threshold
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
-from tuner.space import DataSettings, SearchSpace, parse_space, suggest
-from tuner.study import STUDIES_DIR, Objective, cv_folds, prepare
-from tuner.training import DeviceData, TrainSettings, model_normalization, train_model
+from tuner.space import SearchSpace, parse_space, suggest
+from tuner.study import STUDIES_DIR, Objective, TrialData, best_trial, feasible, prepare, space_at_size
+from tuner.training import DeviceData, TrainSettings, model_normalization, pooled, train_model
 
 log = logging.getLogger(__name__)
 
-BOOTSTRAP_METRICS = ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy")
 SEED_STRIDE = 1000
 
 
 def pick_trial(study: optuna.Study, trial_number: int | None) -> FrozenTrial:
     trials = study.get_trials(deepcopy=False)
     if trial_number is None:
-        if not any(t.state == TrialState.COMPLETE for t in trials):
-            raise TunerError(f"study {study.study_name!r} has no completed trial to refit")
-        return study.best_trial
+        return best_trial(study)  # within study.constraints
     match = [t for t in trials if t.number == trial_number]
     if not match:
         raise TunerError(f"study {study.study_name!r} has no trial {trial_number}; it has trials 0..{len(trials) - 1}")
@@ -85,92 +92,27 @@ def study_space(study: optuna.Study, data_override: str | None = None) -> Search
     return parse_space(stored, f"study {study.study_name}", {"data.source": data_override})
 
 
-def test_reads(study: optuna.Study) -> list[dict]:
-    return list(study.user_attrs.get("test_set_reads", []))
-
-
-def check_test_reuse(study: optuna.Study, trial_number: int, allow: bool) -> str | None:
-    """A warning when the test set already judged another trial; an error unless ``allow``."""
-    earlier = sorted({r["trial"] for r in test_reads(study) if r.get("trial") != trial_number})
-    if not earlier:
-        return None
-    message = (
-        f"the test set of study {study.study_name!r} was already used to evaluate trial(s) "
-        f"{', '.join(map(str, earlier))}; evaluating trial {trial_number} on it too is test-set reuse, "
-        "and choosing between them on test results overfits the test set"
-    )
-    if not allow:
-        raise TunerError(message + "; pass --allow-test-reuse to do it anyway (it is recorded)")
-    return message
-
-
-def record_test_read(study: optuna.Study, entry: dict) -> None:
-    entry = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry}
-    study.set_user_attr("test_set_reads", [*test_reads(study), entry])
-
-
-def bootstrap_ci(
-    probs_per_seed: list[torch.Tensor],
-    target: torch.Tensor,
-    *,
-    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]],
-    groups: np.ndarray | None = None,
-    n_resamples: int = 1000,
-    seed: int = 0,
-) -> dict[str, tuple[float, float]]:
-    """Percentile 95% CIs of the seed-averaged metrics, resampling test items (whole groups when given)."""
-    rng = np.random.default_rng(seed)
-    if groups is None:
-        units = [np.array([i]) for i in range(len(target))]
-    else:
-        units = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
-    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
-    target_np = target.numpy()
-    for _ in range(n_resamples):
-        idx = torch.from_numpy(np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))]))
-        if len(np.unique(target_np[idx.numpy()])) < 2:
-            continue  # a resample with one class has no AUROC
-        per_seed = [metric_fn(p[idx], target[idx]) for p in probs_per_seed]
-        for name in BOOTSTRAP_METRICS:
-            values[name].append(float(np.mean([m[name] for m in per_seed])))
-    out = {}
-    for name, vals in values.items():
-        finite = [v for v in vals if math.isfinite(v)]
-        out[name] = (
-            (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))) if finite else (math.nan, math.nan)
-        )
-    return out
-
-
-def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
-    summary = {}
-    for name in ("focus_recall", "focus_precision", *BOOTSTRAP_METRICS, "mcc"):
-        if name not in per_seed[0]:
-            continue
-        vals = [m[name] for m in per_seed]
-        low, high = ci.get(name, (None, None))
-        summary[name] = {
-            "mean": float(np.mean(vals)),
-            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-            "ci_low": low,
-            "ci_high": high,
-        }
-    return summary
-
-
 RESCORE_STRIDE = 7919
 
 
 def rescore(
-    study: optuna.Study, space: SearchSpace, dataset: Dataset, device: torch.device, *, top_k: int, seeds: int
+    study: optuna.Study,
+    space: SearchSpace,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    top_k: int,
+    seeds: int,
+    cache_dir: Path = STUDIES_DIR / "cache",
 ) -> tuple[FrozenTrial, list[dict]]:
     """Re-train the ``top_k`` best trials with ``seeds`` fresh seeds each, on validation only (never test),
     and pick the one with the best mean: a remedy for the winner's curse of one noisy validation score."""
     maximize = study.direction.name == "MAXIMIZE"
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
     top = sorted(completed, key=lambda t: -t.value if maximize else t.value)[:top_k]
-    folds = cv_folds(dataset, space.study.cv_folds, space.data.split_seed, device) if space.study.cv_folds else None
-    objective = Objective(space, DeviceData.from_dataset(dataset, device), dataset.class_names, None, folds)
+    sizes = TrialData(space, dataset, device, cache_dir)
+    data, folds = sizes.at(None)
+    objective = Objective(space, data, dataset.class_names, None, folds, sizes=sizes)
     rows = []
     for trial in top:
         hparams = replay_hparams(trial, space)
@@ -236,26 +178,38 @@ def refit_one(
     and return its test-split probabilities."""
     model, _ = train_model(hparams, data_tv, refit_settings(space), seed=seed, epochs=epochs)
     normalize = model_normalization(model, hparams.model, dataset.channels)
-    _save_refit_model(path, model, hparams, study, trial, space, dataset, normalize, threshold, seed)
-    return test_probabilities(model, dataset, normalize, data_tv.train.images.device)
+    save_refit_model(
+        path,
+        [model],
+        hparams,
+        dataset,
+        normalize,
+        space=space,
+        threshold=threshold,
+        seeds=[seed],
+        provenance={"study": study.study_name, "trial": trial.number},
+    )
+    return test_probabilities([model], dataset, normalize, data_tv.train.images.device)
 
 
-def _save_refit_model(
+def save_refit_model(
     path: Path,
-    model: torch.nn.Module,
+    models: list[torch.nn.Module],
     hparams: Hyperparameters,
-    study: optuna.Study,
-    trial: FrozenTrial,
-    space: SearchSpace,
     dataset: Dataset,
-    normalize: Any,
+    normalize: Normalize,
+    *,
+    space: SearchSpace,
     threshold: float | None,
-    seed: int,
+    seeds: list[int],
+    provenance: dict,
+    tta: str = "none",
 ) -> None:
     """A model that ``tuner evaluate`` / ``predict`` rebuild alone, with where it came from."""
     save_model(
         path,
-        model,
+        models,
+        tta=tta,
         hparams=hparams,
         space=space.model_dump(mode="json"),
         class_names=dataset.class_names,
@@ -264,61 +218,84 @@ def _save_refit_model(
         normalize=normalize,
         threshold=threshold,
         positive_index=dataset.positive_index,
-        seed=seed,
-        provenance={"study": study.study_name, "trial": trial.number, "data_fingerprint": dataset.fingerprint},
+        seed=seeds[0],
+        provenance={**provenance, "seeds": seeds, "data_fingerprint": dataset.fingerprint},
     )
 
 
-def prepare_out_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise TunerError(
-            f"{out_dir} already holds an earlier output; choose another --out, move it away, or pass --force to overwrite"
+@dataclass
+class SeedRun:
+    """What one seed of the recipe gives: its networks, their test probabilities averaged (with TTA),
+    the first network's alone (no TTA), and out-of-fold probabilities on train+val (with folds)."""
+
+    models: list[torch.nn.Module]
+    normalize: Normalize
+    test_probs: torch.Tensor
+    single_test_probs: torch.Tensor
+    oof_probs: torch.Tensor | None
+
+
+def run_seed(
+    hparams: Hyperparameters,
+    space: SearchSpace,
+    dataset: Dataset,
+    device: torch.device,
+    *,
+    seed: int,
+    epochs: int,
+    folds: int | None,
+    tta: str,
+    on_model: Callable[[], None] | None = None,
+    feature_cache: Path | None = None,
+) -> SeedRun:
+    """Train the recipe with ``seed``: on all of train+val, or on ``folds`` folds of it (each network
+    on all folds but one, which it then predicts: the out-of-fold probabilities)."""
+    images = np.concatenate([dataset.train.images, dataset.val.images])
+    labels = np.concatenate([dataset.train.labels, dataset.val.labels])
+    tags = pooled(dataset.train.tags, dataset.val.tags)
+    if folds is None:
+        parts = [np.ones(len(labels), dtype=bool)]
+        fold = None
+    else:
+        fold = assign_folds(labels, pooled(dataset.train.groups, dataset.val.groups), k=folds, seed=seed)
+        parts = [fold != f for f in range(folds)]
+    settings = replace(refit_settings(space), feature_cache=feature_cache)
+    models, oof = [], None
+    normalize = None
+    for f, train_mask in enumerate(parts):
+        data = DeviceData.build(
+            dataset,
+            device,
+            train=(images[train_mask], labels[train_mask]),
+            val=None,
+            train_tags=None if tags is None else tags[train_mask],
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
-def write_predictions(
-    path: Path, target: torch.Tensor, key: str, labelled: list[tuple[Any, torch.Tensor]], class_names
-) -> None:
-    """One row per (model, test item): ``key`` names what tells the models apart (a seed, a member)."""
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow([key, "index", "target", *[f"p_{c}" for c in class_names]])
-        for label, probs in labelled:
-            for i, (t, row) in enumerate(zip(target.tolist(), probs.tolist(), strict=True)):
-                writer.writerow([label, i, class_names[t], *[f"{p:.6f}" for p in row]])
-
-
-def test_metric_fn(class_names, positive_index: int | None, threshold: float | None) -> Callable:
-    """The test-set report for probabilities, at the frozen threshold (0.5 when none was chosen)."""
-    return partial(
-        evaluation_report,
-        class_names=class_names,
-        positive_index=positive_index,
-        threshold=0.5 if threshold is None else threshold,
+        model, _ = train_model(hparams, data, settings, seed=seed + f, epochs=epochs)
+        normalize = model_normalization(model, hparams.model, dataset.channels)
+        models.append(model)
+        if fold is not None:
+            held = fold == f
+            probs = average_probabilities(
+                [model],
+                TensorSplit.from_numpy(images[held], labels[held], device),
+                normalize=normalize,
+                num_classes=dataset.num_classes,
+                positive_index=dataset.positive_index,
+                tta=tta,
+            )
+            if oof is None:
+                oof = torch.zeros(len(labels), probs.shape[1])
+            oof[torch.from_numpy(held)] = probs
+        if on_model is not None:
+            on_model()
+    assert normalize is not None
+    return SeedRun(
+        models=models,
+        normalize=normalize,
+        test_probs=test_probabilities(models, dataset, normalize, device, tta),
+        single_test_probs=test_probabilities(models[:1], dataset, normalize, device),
+        oof_probs=oof,
     )
-
-
-def load_test_data(study: optuna.Study, space: SearchSpace, cache_dir: Path) -> Dataset:
-    """The study's data with its test split, refusing data other than what the study ran on."""
-    dataset = prepare(space, cache_dir=cache_dir, include_test=True)
-    if dataset.fingerprint != study.user_attrs["data"]["fingerprint"]:
-        raise TunerError(
-            f"{dataset.description} is not the data study {study.study_name!r} was run on "
-            "(its content fingerprint differs)"
-        )
-    if dataset.test is None:
-        raise TunerError(f"{dataset.description} has no test split to evaluate on")
-    return dataset
-
-
-def test_probabilities(model: torch.nn.Module, dataset: Dataset, normalize, device: torch.device) -> torch.Tensor:
-    assert dataset.test is not None
-    split = TensorSplit.from_numpy(dataset.test.images, dataset.test.labels, device)
-    batches = iterate_batches(split, torch.arange(len(split)), 512, normalize=normalize)
-    to_probs = partial(logits_to_probs, num_classes=dataset.num_classes, positive_index=dataset.positive_index)
-    probs, _, _ = predict(model, batches, to_probs=to_probs)
-    return probs.cpu()
 
 
 def refit(
@@ -326,6 +303,8 @@ def refit(
     *,
     trial_number: int | None = None,
     seeds: int = 1,
+    folds: int | None = None,
+    tta: str = "none",
     out_dir: Path | None = None,
     data: str | None = None,
     cache_dir: Path = STUDIES_DIR / "cache",
@@ -333,16 +312,26 @@ def refit(
     allow_test_reuse: bool = False,
     force: bool = False,
     n_bootstrap: int = 1000,
-    on_seed: Callable[[int, int], None] | None = None,
+    on_model: Callable[[int, int], None] | None = None,
     top_k: int | None = None,
 ) -> dict[str, Any]:
     """Retrain ``trial`` on train+val with ``seeds`` seeds, evaluate once on test, write the report.
+
+    With ``folds`` K, each seed trains K networks, each on all folds of train+val but one, and the
+    binary threshold is chosen by the study's rule on their out-of-fold probabilities (the same
+    recipe's, so it fits the refit networks, unlike the trial's threshold); without, each seed trains
+    one network on all of train+val and the trial's threshold is kept. ``tta`` averages each network
+    over flipped views. The final model, saved as ``model.pt``, averages every network trained.
 
     With ``top_k``, the ``top_k`` best trials are first re-scored with ``seeds`` seeds on validation
     and the best mean is refit (see :func:`rescore`).
     """
     if seeds < 1:
         raise TunerError(f"seeds must be at least 1, but got seeds={seeds}")
+    if folds is not None and not 2 <= folds <= 20:
+        raise TunerError(f"folds must be between 2 and 20, but got folds={folds}")
+    if tta not in TTA_VIEWS:
+        raise TunerError(f"tta must be one of {', '.join(TTA_VIEWS)}, but got tta={tta!r}")
     if top_k is not None and (top_k < 1 or trial_number is not None):
         raise TunerError(f"--top-k must be at least 1 and cannot be combined with --trial, but got top_k={top_k}")
     trial = pick_trial(study, trial_number)
@@ -351,7 +340,13 @@ def refit(
     if top_k:
         dataset = prepare(space, cache_dir=cache_dir)
         trial, rescored = rescore(
-            study, space, dataset, resolve_device(device or space.train.device), top_k=top_k, seeds=seeds
+            study,
+            space,
+            dataset,
+            resolve_device(device or space.train.device),
+            top_k=top_k,
+            seeds=seeds,
+            cache_dir=cache_dir,
         )
     hparams = replay_hparams(trial, space)
     warning = check_test_reuse(study, trial.number, allow_test_reuse)
@@ -360,44 +355,91 @@ def refit(
     if warning:
         log.warning("%s", warning)
 
-    dataset = load_test_data(study, space, cache_dir)
+    dataset = load_test_data(study, space_at_size(space, hparams.image_size), cache_dir)
     assert dataset.test is not None
     torch_device = resolve_device(device or space.train.device)
-    data_tv = DeviceData.train_and_val(dataset, torch_device)
     epochs = int(trial.user_attrs["best_epoch"])
-    threshold = trial.user_attrs.get("threshold")
     positive = dataset.positive_index
-    if positive is not None and dataset.num_classes == 2 and threshold is None:
-        threshold = 0.5
+    binary = positive is not None and dataset.num_classes == 2
+    frozen = trial.user_attrs.get("threshold")
+    if binary and frozen is None:
+        frozen = 0.5
     seed_list = [int(trial.user_attrs["seed"]) + SEED_STRIDE * k for k in range(seeds)]
     target = torch.from_numpy(dataset.test.labels)
-    metric_fn = test_metric_fn(dataset.class_names, positive, threshold)
+    tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
+    rule = space.study.threshold
 
-    probs_per_seed, per_seed = [], []
-    for k, seed in enumerate(seed_list):
-        name = "model.pt" if k == 0 else f"model-seed{seed}.pt"
-        probs = refit_one(
-            out_dir / name,
+    def chosen_threshold(oof: torch.Tensor | None) -> float | None:
+        if not binary or oof is None:
+            return frozen
+        assert positive is not None
+        return choose_threshold(oof, tv_target, positive_index=positive, rule=rule.rule, recall=rule.recall)
+
+    n_models, done = seeds * (folds or 1), 0
+
+    def model_done() -> None:
+        nonlocal done
+        done += 1
+        if on_model is not None:
+            on_model(done, n_models)
+
+    runs = [
+        run_seed(
             hparams,
-            study,
-            trial,
             space,
             dataset,
-            data_tv,
+            torch_device,
             seed=seed,
             epochs=epochs,
-            threshold=threshold,
+            folds=folds,
+            tta=tta,
+            on_model=model_done,
+            feature_cache=cache_dir,
         )
-        probs_per_seed.append(probs)
-        per_seed.append({"seed": seed, **metric_fn(probs, target)})
-        if on_seed is not None:
-            on_seed(k + 1, seeds)
-
+        for seed in seed_list
+    ]
     record_test_read(
         study,
         {"trial": trial.number, "seeds": seed_list, "command": shlex.join(["tuner", *sys.argv[1:]]), "what": "refit"},
     )
-    ci = bootstrap_ci(probs_per_seed, target, metric_fn=metric_fn, groups=dataset.test.groups, n_resamples=n_bootstrap)
+    # Each seed at its own threshold (out-of-fold, or the trial's), its networks averaged.
+    thresholds = [chosen_threshold(run.oof_probs) for run in runs]
+    metric_fns = [test_metric_fn(dataset.class_names, positive, t) for t in thresholds]
+    per_seed = [
+        {"seed": seed, "threshold": t, **fn(run.test_probs, target)}
+        for seed, t, fn, run in zip(seed_list, thresholds, metric_fns, runs, strict=True)
+    ]
+    groups = dataset.test.groups
+    ci = bootstrap_ci(
+        [r.test_probs for r in runs], target, metric_fn=metric_fns, groups=groups, n_resamples=n_bootstrap
+    )
+    # The final model: every network of every seed averaged, at one threshold (from the out-of-fold
+    # probabilities averaged over seeds, or the trial's).
+    oofs = [r.oof_probs for r in runs if r.oof_probs is not None]
+    final_threshold = chosen_threshold(torch.stack(oofs).mean(0) if oofs else None)
+    final_fn = test_metric_fn(dataset.class_names, positive, final_threshold)
+    final_probs = torch.stack([r.test_probs for r in runs]).mean(0) if seeds > 1 else runs[0].test_probs
+    models = [m for r in runs for m in r.models]
+    final = {"networks": len(models), "threshold": final_threshold, **final_fn(final_probs, target)}
+    final_summary = summarize(
+        [final], bootstrap_ci([final_probs], target, metric_fn=final_fn, groups=groups, n_resamples=n_bootstrap)
+    )
+    single = None
+    if folds or tta != "none":
+        single_rows = [fn(r.single_test_probs, target) for fn, r in zip(metric_fns, runs, strict=True)]
+        single = summarize(single_rows, {})
+    save_refit_model(
+        out_dir / "model.pt",
+        models,
+        hparams,
+        dataset,
+        runs[0].normalize,
+        space=space,
+        threshold=final_threshold,
+        seeds=seed_list,
+        provenance={"study": study.study_name, "trial": trial.number, "folds": folds},
+        tta=tta,
+    )
     report = {
         "study": study.study_name,
         "trial": trial.number,
@@ -405,41 +447,52 @@ def refit(
         "hparams": hparams.model_dump(mode="json"),
         "validation_value": trial.value,
         "metric": space.study.metric,
+        "constraint_values": trial.user_attrs.get("constraint_values"),  # the trial's, within study.constraints
         "data": dataset.description,
         "class_names": list(dataset.class_names),
         "positive_class": None if positive is None else dataset.class_names[positive],
-        "threshold": threshold,
-        "threshold_rule": space.study.threshold.rule,
+        "threshold": final_threshold,
+        "threshold_rule": (
+            f"{rule.rule} on the out-of-fold probabilities of train+val ({folds} folds)"
+            if folds and binary
+            else f"{rule.rule} on validation, for the trial's own model (frozen)"
+        ),
         "epochs": epochs,
         "epochs_rule": "the trial's best epoch; LR schedule planned over the trial's max_epochs",
         "seeds": seed_list,
+        "folds": folds,
+        "tta": tta,
         "rescoring": rescored,
-        "n_train": len(data_tv.train),
+        "n_train": len(tv_target),
         "n_test": len(target),
-        "bootstrap": {"resamples": n_bootstrap, "grouped": dataset.test.groups is not None},
+        "bootstrap": {"resamples": n_bootstrap, "grouped": groups is not None},
+        # per seed: that seed's networks averaged (with TTA), at its threshold; mean, sd and CI over seeds
         "summary": summarize(per_seed, ci),
         "per_seed": per_seed,
-        # the N refit models as one: the mean of their probabilities, at the same frozen threshold
-        "seed_ensemble": metric_fn(torch.stack(probs_per_seed).mean(0), target) if seeds > 1 else None,
+        # one network alone (each seed's first, no TTA): what the averaging adds is final minus this
+        "single_network": single,
+        # what model.pt holds and evaluate / predict reproduce
+        "final": final,
+        "final_summary": final_summary,
         "test_set_reads": test_reads(study),
     }
     write_predictions(
         out_dir / "predictions.csv",
         target,
-        "seed",
-        list(zip(seed_list, probs_per_seed, strict=True)),
+        "model",
+        [*zip([f"seed {s}" for s in seed_list], [r.test_probs for r in runs], strict=True), ("final", final_probs)],
         dataset.class_names,
     )
+    if oofs:
+        write_predictions(
+            out_dir / "oof_predictions.csv",
+            tv_target,
+            "model",
+            [(f"seed {seed}", run.oof_probs) for seed, run in zip(seed_list, runs, strict=True)],
+            dataset.class_names,
+        )
     _plots(
-        out_dir,
-        trial,
-        space.study.metric,
-        per_seed[0],
-        probs_per_seed[0],
-        target,
-        dataset.class_names,
-        positive,
-        threshold,
+        out_dir, trial, space.study.metric, final, final_probs, target, dataset.class_names, positive, final_threshold
     )
     write_report(out_dir, report, title=f"Refit of trial {trial.number} of study {study.study_name}")
     return report
@@ -451,57 +504,3 @@ def _plots(out_dir, trial, metric, first, probs, target, class_names, positive, 
     plot_confusion(first["confusion_matrix"], class_names, out_dir / "confusion_matrix.png")
     if positive is not None and len(class_names) == 2:
         plot_roc_pr(probs, target, positive_index=positive, threshold=threshold or 0.5, path=out_dir / "roc_pr.png")
-
-
-def evaluate(
-    model_path: Path,
-    *,
-    data: str,
-    out_dir: Path | None = None,
-    cache_dir: Path = STUDIES_DIR / "cache",
-    force: bool = False,
-    n_bootstrap: int = 1000,
-) -> dict[str, Any]:
-    """Evaluate a saved model on a data source: its test split if it has one, else all of it."""
-    saved = load_model(model_path)
-    split, names, description, which = load_labelled_images(
-        data,
-        image_size=saved.image_size,
-        channels=saved.channels,
-        label_aliases=saved.info["space"]["data"]["label_aliases"],
-        columns=DataSettings.model_validate(saved.info["space"]["data"]).csv_columns(),
-        cache_dir=cache_dir,
-    )
-    unknown = [c for c in names if c not in saved.class_names]
-    if unknown:
-        raise TunerError(
-            f"{description} has classes the model does not know: {', '.join(unknown)}; "
-            f"it knows {', '.join(saved.class_names)} (label_aliases in the space file map names)"
-        )
-    remap = np.array([saved.class_names.index(c) for c in names])
-    target = torch.from_numpy(remap[split.labels])
-    probs = saved.probabilities(split.images)
-    threshold = saved.threshold if saved.threshold is not None else 0.5
-    metric_fn = test_metric_fn(saved.class_names, saved.positive_index, threshold)
-    metrics = metric_fn(probs, target)
-    ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, n_resamples=n_bootstrap)
-    out_dir = out_dir or model_path.parent / "evaluate"
-    prepare_out_dir(out_dir, force)
-    report = {
-        "model": str(model_path),
-        "data": description,
-        "split": which,
-        "n_test": len(target),
-        "threshold": saved.threshold,
-        "positive_class": None if saved.positive_index is None else saved.class_names[saved.positive_index],
-        "metrics": metrics,
-        "summary": summarize([metrics], ci),
-    }
-    plot_confusion(metrics["confusion_matrix"], saved.class_names, out_dir / "confusion_matrix.png")
-    if saved.positive_index is not None and len(saved.class_names) == 2:
-        plot_roc_pr(
-            probs, target, positive_index=saved.positive_index, threshold=threshold, path=out_dir / "roc_pr.png"
-        )
-    write_predictions(out_dir / "predictions.csv", target, "seed", [(saved.info["seed"], probs)], saved.class_names)
-    write_report(out_dir, report, title=f"Evaluation of {model_path} on {description}")
-    return report

@@ -133,13 +133,20 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
                 s = summary[name]
                 ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s.get("ci_low") is not None else ""
                 lines.append(f"| {name} | {s['mean']:.4f} | {s['sd']:.4f} | {ci} |")
-    joint = report.get("seed_ensemble")
-    if joint:
+    final = report.get("final_summary")
+    if final:
         lines += [
             "",
-            f"The {len(report['seeds'])} seeds' models averaged (mean probability, same threshold): "
-            + ", ".join(f"{name} {joint[name]:.4f}" for name in ("auroc", "auprc", "recall", "specificity")),
+            f"Final model ({report['final']['networks']} networks averaged, saved as model.pt, TTA "
+            f"{report.get('tta', 'none')}, threshold {_fmt(report['final']['threshold'])}):",
+            "",
         ]
+        lines += ["| metric | value | 95% CI |", "|---|---|---|"]
+        for name in HEADLINE:
+            if name in final:
+                s = final[name]
+                ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s.get("ci_low") is not None else ""
+                lines.append(f"| {name} | {s['mean']:.4f} | {ci} |")
     first = (report.get("per_seed") or [report.get("metrics")])[0]
     if first and "per_class" in first:
         lines += ["", "| class | precision | recall | f1 | support |", "|---|---|---|---|---|"]
@@ -188,7 +195,8 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     maximize = study.direction.name == "MAXIMIZE"
     metric = study.user_attrs.get("space", {}).get("study", {}).get("metric", "value")
-    ranked = sorted(completed, key=lambda t: -t.value if maximize else t.value)
+    # Trials outside study.constraints are never the best: the feasible ones rank first.
+    ranked = sorted(completed, key=lambda t: (t.user_attrs.get("feasible") is False, -t.value if maximize else t.value))
     importances: dict[str, float] = {}
     if len(completed) >= 2:
         try:
@@ -207,6 +215,7 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
                 "value": t.value,
                 "best_epoch": t.user_attrs.get("best_epoch"),
                 "threshold": t.user_attrs.get("threshold"),
+                "feasible": t.user_attrs.get("feasible"),
                 "params": t.params,
             }
             for t in ranked[:top]
@@ -234,7 +243,8 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     lines += [f"| # | {metric} | best epoch | params |", "|---|---|---|---|"]
     for t in summary["top_trials"]:
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
-        lines.append(f"| {t['number']} | {_fmt(t['value'])} | {t['best_epoch']} | {params} |")
+        mark = " (outside study.constraints)" if t["feasible"] is False else ""
+        lines.append(f"| {t['number']}{mark} | {_fmt(t['value'])} | {t['best_epoch']} | {params} |")
     if importances:
         lines += ["", "| parameter | importance |", "|---|---|"] + [
             f"| {k} | {v:.3f} |" for k, v in importances.items()

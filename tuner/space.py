@@ -22,13 +22,14 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tuner import hparams as hp
 from tuner.data.sources import CsvColumns
@@ -131,6 +132,28 @@ class StopSettings(_Frozen):
     min_delta: Annotated[float, Field(ge=0.0)] = 0.0
 
 
+class Bound(_Frozen):
+    """A constraint on a validation metric of a trial: at least ``min`` and/or at most ``max``."""
+
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> Bound:
+        if self.min is None and self.max is None:
+            raise ValueError("a constraint needs min, max or both, e.g. {min: 0.9}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min must not exceed max, but got min={self.min}, max={self.max}")
+        return self
+
+    def violation(self, value: float) -> float:
+        """How far ``value`` is outside the bound (0 or less: inside), as Optuna's constraints want it."""
+        return max(
+            (self.min - value) if self.min is not None else -math.inf,
+            (value - self.max) if self.max is not None else -math.inf,
+        )
+
+
 class StudySettings(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
     metric: Literal[METRICS] = "val_auroc"  # type: ignore[valid-type]
@@ -144,6 +167,8 @@ class StudySettings(_Frozen):
     artifacts: bool = True  # plots and per-class metrics of each completed trial, for the dashboard
     save_checkpoints: bool = False  # also each completed trial's best weights, as an artifact
     stop: StopSettings | None = None  # end early once the best value stops improving (all workers)
+    # e.g. {val_recall: {min: 0.9}}: only trials meeting every bound (at their operating point) count as best
+    constraints: dict[Literal[METRICS], Bound] = {}  # type: ignore[valid-type]
 
     @property
     def resolved_direction(self) -> str:

@@ -16,6 +16,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -319,6 +320,36 @@ def cv_folds(dataset: Dataset, k: int, seed: int, device: torch.device) -> list[
     ]
 
 
+def space_at_size(space: SearchSpace, image_size: int | None) -> SearchSpace:
+    """``space`` with its data at ``image_size`` (None: as it is)."""
+    if image_size is None or image_size == space.data.image_size:
+        return space
+    return space.model_copy(update={"data": space.data.model_copy(update={"image_size": image_size})})
+
+
+class TrialData:
+    """A worker's data at each image size its trials ask for: decoded once per size into the disk cache,
+    moved to the device once per size, kept for the trials after (never resized per epoch)."""
+
+    def __init__(self, space: SearchSpace, dataset: Dataset, device: torch.device, cache_dir: Path) -> None:
+        self.space, self.device, self.cache_dir = space, device, cache_dir
+        self._by_size: dict[int, tuple[DeviceData, list[DeviceData]]] = {}
+        self._add(dataset)
+
+    def _add(self, dataset: Dataset) -> tuple[DeviceData, list[DeviceData]]:
+        k = self.space.study.cv_folds
+        folds = cv_folds(dataset, k, self.space.data.split_seed, self.device) if k else []
+        self._by_size[dataset.image_size] = (DeviceData.from_dataset(dataset, self.device), folds)
+        return self._by_size[dataset.image_size]
+
+    def at(self, image_size: int | None) -> tuple[DeviceData, list[DeviceData]]:
+        """Hold-out data and the cross-validation folds (empty without ``study.cv_folds``)."""
+        size = image_size or self.space.data.image_size
+        if size in self._by_size:
+            return self._by_size[size]
+        return self._add(prepare(space_at_size(self.space, size), cache_dir=self.cache_dir))
+
+
 class Objective:
     """Optuna objective: hyperparameters -> trained model(s) -> validation metric.
 
@@ -336,11 +367,13 @@ class Objective:
         artifacts: Path | None = None,
         folds: list[DeviceData] | None = None,
         on_epoch: EpochProgress | None = None,
+        sizes: TrialData | None = None,
     ) -> None:
         self.on_epoch = on_epoch  # told (trial, epoch, metric value) after each epoch: progress display
         self.space = space
         self.data = data
         self.folds = folds or []
+        self.sizes = sizes  # the data at other image sizes, when image_size is a hyperparameter
         self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
         self.artifacts = (
             None
@@ -355,6 +388,8 @@ class Objective:
         )
         self.metric = space.study.metric
         self.settings = train_settings(space)
+        if sizes is not None:  # features of a frozen backbone go to the disk cache beside the pixels
+            self.settings = replace(self.settings, feature_cache=sizes.cache_dir)
 
     def __call__(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)
@@ -370,9 +405,10 @@ class Objective:
             trial.set_user_attr("visible_gpus", os.environ[GPU_ENV])  # the GPU(s) that worker was given
         history: dict[str, list[float]] = {}
         try:
-            if self.folds:
-                return self._cross_validate(trial, hparams, seed, history)
-            return self._holdout(trial, hparams, seed, history)
+            data, folds = self._data_for(hparams)
+            if folds:
+                return self._cross_validate(trial, hparams, seed, history, folds)
+            return self._holdout(trial, hparams, seed, history, data)
         except NonFiniteLossError as err:
             trial.set_user_attr("history", history)
             trial.set_user_attr("prune_reason", str(err))
@@ -391,6 +427,15 @@ class Objective:
         trial.set_user_attr("fail_reason", reason)
         raise TrialFault(reason)
 
+    def _data_for(self, hparams: Hyperparameters) -> tuple[DeviceData, list[DeviceData]]:
+        if hparams.image_size in (None, self.data.image_size):
+            return self.data, self.folds
+        if self.sizes is None:
+            raise TunerError(
+                f"image_size={hparams.image_size} was asked for, but only {self.data.image_size} is loaded"
+            )
+        return self.sizes.at(hparams.image_size)
+
     def _retry(self, trial: Any, history: dict) -> Callable[[Hyperparameters], None]:
         """Out of memory: the run starts over at a smaller batch size; record each one tried."""
 
@@ -408,7 +453,7 @@ class Objective:
         trial.set_user_attr("prune_reason", reason)
         raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
 
-    def _holdout(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict) -> float:
+    def _holdout(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, data: DeviceData) -> float:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
@@ -421,7 +466,7 @@ class Objective:
                 self._prune(trial, history, f"pruned at epoch {epoch}", value)
 
         _, result = train_model(
-            hparams, self.data, self.settings, seed=seed, on_epoch=on_epoch, on_retry=self._retry(trial, history)
+            hparams, data, self.settings, seed=seed, on_epoch=on_epoch, on_retry=self._retry(trial, history)
         )
         self._record(trial, result, result.history, result.best_epoch)
         self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
@@ -431,10 +476,12 @@ class Objective:
         """The study's metric at the checkpoint epoch (which the checkpoint metric may have chosen)."""
         return result.history[self.metric][result.best_epoch - 1]
 
-    def _cross_validate(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict) -> float:
+    def _cross_validate(
+        self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, folds: list[DeviceData]
+    ) -> float:
         values, epochs, probs, targets = [], [], [], []
         first = None
-        for fold, data in enumerate(self.folds):
+        for fold, data in enumerate(folds):
             _, result = train_model(hparams, data, self.settings, seed=seed, on_retry=self._retry(trial, history))
             first = first or result
             value = self._value(result)
@@ -445,8 +492,8 @@ class Objective:
             history.setdefault(f"fold_{self.metric}", []).append(value)
             trial.set_user_attr("fold_values", values)
             trial.report(value, fold)
-            if fold < len(self.folds) - 1 and trial.should_prune():  # after the last fold there is nothing to save
-                self._prune(trial, history, f"pruned after fold {fold + 1} of {len(self.folds)}", value)
+            if fold < len(folds) - 1 and trial.should_prune():  # after the last fold there is nothing to save
+                self._prune(trial, history, f"pruned after fold {fold + 1} of {len(folds)}", value)
         assert first is not None
         history.update(first.history)  # the first fold's curves stand for the trial's
         self._record(trial, first, history, int(np.median(epochs)))
@@ -480,6 +527,7 @@ class Objective:
             at = classification_metrics(probs, targets, positive_index=self.data.positive_index, threshold=threshold)
             trial.set_user_attr("threshold", threshold)
             trial.set_user_attr("val_at_threshold", at)
+        self._constrain(trial, history, at if binary and probs is not None else {})
         if self.artifacts is not None and isinstance(trial, optuna.Trial):
             self.artifacts.add(
                 trial,
@@ -490,6 +538,57 @@ class Objective:
                 state=state,
                 hparams=trial.user_attrs["hparams"],
             )
+
+    def _constrain(self, trial: Any, history: dict, at_threshold: dict[str, float]) -> None:
+        """``study.constraints``, each metric at the trial's operating point (or its best epoch), given to
+        Optuna (``set_constraint``: TPE and GP sample around the infeasible, ``best_trial`` skips them)."""
+        constraints = self.space.study.constraints
+        if not constraints:
+            return
+        values = {}
+        for name, bound in constraints.items():
+            value = at_threshold.get(name.removeprefix("val_"))
+            if value is None:
+                value = history[name][trial.user_attrs["best_epoch"] - 1]
+            values[name] = value
+            violation = bound.violation(value) if math.isfinite(value) else 1.0  # NaN: not shown to be met
+            if isinstance(trial, optuna.Trial):
+                trial.set_constraint(name, violation)
+        trial.set_user_attr("constraint_values", values)
+        trial.set_user_attr("feasible", all(constraints[n].violation(v) <= 0 for n, v in values.items()))
+
+
+def feasible(trial: FrozenTrial) -> bool:
+    """Whether a finished trial met its study's constraints (every trial does when there are none)."""
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def best_value(study: optuna.Study) -> float | None:
+    """The best value so far among completed trials within the constraints; None before there is one."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
+    return study.best_value if done else None
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial:
+    """The best completed trial among those meeting the study's constraints; a clear error when none do."""
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        raise TunerError(f"study {study.study_name!r} has no completed trial yet")
+    if not any(feasible(t) for t in completed):
+        bounds = study.user_attrs.get("space", {}).get("study", {}).get("constraints", {})
+        raise TunerError(
+            f"none of the {len(completed)} completed trials of study {study.study_name!r} meets its constraints "
+            f"({_describe_bounds(bounds)}); run more trials, or relax study.constraints"
+        )
+    return study.best_trial
+
+
+def _describe_bounds(bounds: dict) -> str:
+    parts = []
+    for name, b in bounds.items():
+        parts += [f"{name} >= {b['min']}"] if b.get("min") is not None else []
+        parts += [f"{name} <= {b['max']}"] if b.get("max") is not None else []
+    return ", ".join(parts)
 
 
 def prepare(space: SearchSpace, *, cache_dir: Path, include_test: bool = False) -> Dataset:
@@ -557,4 +656,5 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "params": trial.params,
         "duration_s": None if duration is None else round(duration, 2),
         "reason": trial.user_attrs.get("fail_reason") or trial.user_attrs.get("prune_reason"),
+        "feasible": trial.user_attrs.get("feasible"),  # None: the study has no constraints
     }

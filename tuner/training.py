@@ -13,6 +13,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,11 +22,13 @@ from tuner.data.augment import BatchAugment
 from tuner.data.dataset import Dataset
 from tuner.data.imbalance import SYNTHESIZING, balanced_class_weights, epoch_indices, synthesize, target_counts
 from tuner.data.loader import Normalize, TensorSplit, iterate_batches
-from tuner.engine import FitResult, fit
+from tuner.engine import FitResult, default_amp_dtype, fit
 from tuner.errors import TunerError
+from tuner.features import cached_features, uses_cached_features
 from tuner.hparams import Hyperparameters
 from tuner.losses import build_loss, logits_to_probs, num_outputs
 from tuner.metrics import classification_metrics
+from tuner.mixing import MixingLoss, mix_batches
 from tuner.models import BUILTIN_MODELS, Classifier, build_model
 from tuner.optim import LRSchedule, build_optimizer, build_scheduler
 
@@ -175,6 +178,10 @@ class TrainSettings:
     min_batch_size: int = 8  # out of memory: retry at half the batch size down to this
     # Autocast on the CPU too (bf16): for CPUs with bf16 units, and to run the CUDA code path in tests.
     amp_on_cpu: bool = False
+    # Trials with a frozen pretrained backbone and nothing that changes an image train only the head on
+    # features computed once (see tuner.features), kept in this folder (None: in memory, per run).
+    cached_features: bool = True
+    feature_cache: Path | None = None
 
     def uses_amp(self, device: torch.device) -> bool:
         return self.amp and (device.type == "cuda" or (device.type == "cpu" and self.amp_on_cpu))
@@ -252,6 +259,8 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
         label_smoothing=hparams.label_smoothing,
         focal_gamma=hparams.focal_gamma,
     ).to(device)
+    if hparams.mixup_alpha > 0 or hparams.cutmix_alpha > 0:
+        loss_fn = MixingLoss(loss_fn)
     optimizer = build_optimizer(
         hparams.optimizer,
         model.head.parameters(),
@@ -277,6 +286,7 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
         patience=hparams.patience,
         factor=hparams.factor,
         mode=settings.mode,
+        warmup_epochs=hparams.warmup_epochs,
     )
     return Components(
         model=model,
@@ -351,33 +361,59 @@ def _train_once(
     device = data.train.images.device
     channels_last = settings.uses_channels_last(device)
     generator = torch.Generator().manual_seed(seed)
+    amp = settings.uses_amp(device)
+    model: torch.nn.Module = c.model
+    pool, val, normalize = c.pool, data.val, c.normalize
+    if settings.cached_features and uses_cached_features(hparams):
+        # Only the head trains, on the backbone's features of the same images in the same batches.
+        embed = partial(
+            cached_features,
+            c.model.backbone,
+            hparams=hparams,
+            normalize=c.normalize,
+            cache_dir=settings.feature_cache,
+            batch_size=settings.eval_batch_size,
+            amp=default_amp_dtype(device) if amp else None,
+            channels_last=channels_last,
+        )
+        pool = embed(c.pool, describe=f"{len(c.pool)} training images")
+        val = None if data.val is None else embed(data.val, describe=f"{len(data.val)} validation images")
+        model, normalize, channels_last = c.model.head, None, False
 
     def train_batches(epoch: int):  # noqa: ANN202
         indices = epoch_indices(
             c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=c.multipliers
         )
         order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
-        return iterate_batches(
-            c.pool,
+        batches = iterate_batches(
+            pool,
             order,
             hparams.batch_size,
-            normalize=c.normalize,
+            normalize=normalize,
             augment=c.augment,
             generator=generator,
             channels_last=channels_last,
         )
+        if not isinstance(c.loss_fn, MixingLoss):
+            return batches
+        return mix_batches(
+            batches,
+            mixup_alpha=hparams.mixup_alpha,
+            cutmix_alpha=hparams.cutmix_alpha,
+            prob=hparams.mixup_prob,
+            rng=np.random.default_rng(seed * 7919 + epoch),
+        )
 
     def val_batches():  # noqa: ANN202
-        assert data.val is not None
-        order = torch.arange(len(data.val))
+        assert val is not None
         return iterate_batches(
-            data.val, order, settings.eval_batch_size, normalize=c.normalize, channels_last=channels_last
+            val, torch.arange(len(val)), settings.eval_batch_size, normalize=normalize, channels_last=channels_last
         )
 
     result = fit(
-        c.model,
+        model,
         train_batches=train_batches,
-        val_batches=val_batches if data.val is not None else None,
+        val_batches=val_batches if val is not None else None,
         loss_fn=c.loss_fn,
         to_probs=partial(logits_to_probs, num_classes=data.num_classes, positive_index=data.positive_index),
         metrics_fn=partial(classification_metrics, positive_index=data.positive_index),
@@ -389,9 +425,13 @@ def _train_once(
         patience=settings.patience,
         accumulate_steps=hparams.accumulate_steps,
         grad_clip=hparams.grad_clip,
-        amp=settings.uses_amp(device),
+        amp=amp,
+        ema_decay=hparams.ema_decay,
         on_epoch=on_epoch,
     )
+    if model is not c.model:  # the head's states, completed with the frozen backbone's
+        backbone = {f"backbone.{k}": v.detach().cpu() for k, v in c.model.backbone.state_dict().items()}
+        result.best_state = {**backbone, **{f"head.{k}": v for k, v in result.best_state.items()}}
     result.train_counts = np.bincount(c.pool_labels, minlength=data.num_classes).tolist()
     result.images_per_epoch = sum(target_counts(c.pool_labels, c.strategy, hparams.ratio, c.multipliers).values())
     return c.model, result

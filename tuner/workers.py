@@ -45,16 +45,16 @@ from tuner.study import (
     EpochProgress,
     Objective,
     OnStaleTrial,
+    TrialData,
     build_pruner,
     build_sampler,
-    cv_folds,
+    feasible,
     open_storage,
     open_study,
     parse_storage_url,
     prepare,
     redact,
 )
-from tuner.training import DeviceData
 from tuner.warm_start import warm_start
 
 log = logging.getLogger(__name__)
@@ -175,8 +175,13 @@ def stagnation(study: optuna.Study, space: SearchSpace) -> str | None:
     if len(window) < stop.patience or any(t.number < began for t in window):
         return None
     sign = 1.0 if space.study.resolved_direction == "maximize" else -1.0
-    earlier = [sign * t.value for t in before if t.state == TrialState.COMPLETE and t.value is not None]
-    recent = [sign * t.value for t in window if t.state == TrialState.COMPLETE and t.value is not None]
+
+    def counted(trials: list[FrozenTrial]) -> list[float]:  # completed, and within study.constraints
+        return [
+            sign * t.value for t in trials if t.state == TrialState.COMPLETE and t.value is not None and feasible(t)
+        ]
+
+    earlier, recent = counted(before), counted(window)
     if not earlier or (recent and max(recent) - max(earlier) >= stop.min_delta):
         return None
     return (
@@ -247,11 +252,9 @@ def work(
     artifacts = Path(study.user_attrs["artifact_dir"]) if space.study.artifacts else None
     if artifacts is not None:
         artifacts.mkdir(parents=True, exist_ok=True)
-    folds = (
-        cv_folds(dataset, space.study.cv_folds, space.data.split_seed, torch_device) if space.study.cv_folds else None
-    )
-    data = DeviceData.from_dataset(dataset, torch_device)
-    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch)
+    sizes = TrialData(space, dataset, torch_device, cache_dir)
+    data, folds = sizes.at(dataset.image_size)
+    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, sizes=sizes)
     budget = TrialBudget(study)
     after_trial = _AfterTrial(budget)
     try:
@@ -347,6 +350,7 @@ def run_optimize(
     heartbeat: int = 60,
     warm_start_from: optuna.Study | None = None,
     warm_start_top_k: int = 3,
+    plan: bool = False,
 ) -> optuna.Study:
     """Add ``space.study.n_trials`` trials to the study (creating it if needed) with ``workers`` processes.
 
@@ -354,8 +358,11 @@ def run_optimize(
 
     With ``gpus``, ``workers_per_gpu`` workers run on each GPU, each seeing only its own. Each worker
     takes ``threads`` threads, by default its share of the cores. ``join`` adds nothing and helps
-    finish what other workers (other machines) are running.
+    finish what other workers (other machines) are running. ``plan`` creates the study and adds its
+    trials but runs none: workers started elsewhere with ``join`` (a Slurm array) run them.
     """
+    if plan and join:
+        raise TunerError("--plan adds trials for others to run and --join runs trials someone planned; give one")
     slots = gpu_slots(list(gpus), workers_per_gpu)
     if slots and workers not in (None, len(slots)):
         raise TunerError(
@@ -379,6 +386,8 @@ def run_optimize(
         # study.stop judges the trials of this run only; an earlier run's stop does not hold for it.
         study.set_user_attr("run_began_at", len(study.get_trials(deepcopy=False)))
         study.set_user_attr("stopped", None)
+    if plan:
+        return study
     common = {"space": space, "storage_url": storage_url, "cache_dir": cache_dir, "heartbeat": heartbeat}
     if n_workers == 1:
         gpu = slots[0] if slots else None

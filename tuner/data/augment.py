@@ -52,6 +52,22 @@ AUGMENT_PRESETS: dict[str, AugmentConfig] = {
     "rotate180": AugmentConfig(hflip=0.5, vflip=0.5, rotation=180.0),
     "rotate180_expand": _ROTATE_EXPAND,
     "perspective": _PERSPECTIVE,
+    # TrivialAugment's idea (Müller & Hutter 2021) kept to what suits grey medical images: flips, then ONE
+    # geometric op per image at a uniform random strength (or none), plus mild brightness and contrast;
+    # no colour, solarize or posterize ops.
+    "trivial": AugmentConfig(
+        hflip=0.5,
+        vflip=0.5,
+        brightness=0.2,
+        contrast=0.2,
+        choice=(
+            AugmentConfig(),
+            AugmentConfig(rotation=30.0),
+            AugmentConfig(shear=15.0),
+            AugmentConfig(translate=0.15),
+            AugmentConfig(scale=0.2),
+        ),
+    ),
     # flips, then one of: rotation with expansion, a sure perspective warp, an affine warp
     "flip_random_choice": AugmentConfig(
         hflip=0.5, vflip=0.5, choice=(_ROTATE_EXPAND, replace(_PERSPECTIVE, perspective_p=1.0), _AFFINE)

@@ -29,14 +29,14 @@ def cache_key(**parts: object) -> str:
 
 
 def cached_array(
-    cache_dir: Path, key: str, build: Callable[[], np.ndarray], *, describe: str = ""
+    cache_dir: Path, key: str, build: Callable[[], np.ndarray], *, describe: str = "", action: str = "decoding"
 ) -> tuple[np.ndarray, bool]:
     """Return ``(array, hit)``: the memory-mapped entry for ``key``, building and storing it on a miss."""
     path = cache_dir / f"{key}.npy"
     if path.exists():
         log.debug("cache hit %s (%s)", path, describe)
         return np.load(path, mmap_mode="r"), True
-    log.info("decoding %s once into the cache %s", describe or key, path)
+    log.info("%s %s once into the cache %s", action, describe or key, path)
     array = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

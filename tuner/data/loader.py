@@ -61,12 +61,13 @@ def iterate_batches(
     indices: torch.Tensor,
     batch_size: int,
     *,
-    normalize: Normalize,
+    normalize: Normalize | None,
     augment: BatchAugment | None = None,
     generator: torch.Generator | None = None,
     channels_last: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(x, y)`` in the order of ``indices`` (already shuffled or resampled by the caller)."""
+    """Yield ``(x, y)`` in the order of ``indices`` (already shuffled or resampled by the caller).
+    ``normalize=None``: the rows are features already (cached-feature trials), used as they are."""
     indices = indices.to(split.images.device)
     for start in range(0, len(indices), batch_size):
         idx = indices[start : start + batch_size]
@@ -75,7 +76,8 @@ def iterate_batches(
         if augment is not None and augment.active:
             assert generator is not None, "augmentation needs a generator"
             x = augment(x, generator)
-        x = normalize(x)
+        if normalize is not None:
+            x = normalize(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         yield x, torch.index_select(split.labels, 0, idx)
