@@ -92,6 +92,10 @@ def measure(url: str, workers: int, trials: int, folder: Path) -> dict:
         "connections": watch.peak,
         "inside": inside / (wall * workers),
         "startup": first - start,
+        # once the first trial started: finished trials per second, and each trial's worker-seconds
+        # spent outside training (claiming, sampling, storage writes, waiting for a core)
+        "steady": len(finished) / (wall - (first - start)),
+        "outside": ((wall - (first - start)) * workers - inside) / len(finished),
     }
 
 
@@ -111,14 +115,14 @@ def main() -> None:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         print(f"{args.trials} trials per run, one PostgreSQL study each; this machine: {os.cpu_count()} cores")
         header = "workers  wall s  trials/s  finished (complete/pruned/fail/running)  peak db connections  "
-        print(header + "in trials  until first trial")
+        print(header + "in trials  until first trial  steady trials/s  worker-s outside a trial, per trial")
         for n in args.workers:
             r = measure(url, n, args.trials, folder)
             s = r["states"]
             print(
                 f"{n:>7}  {r['wall']:6.1f}  {r['rate']:8.2f}  {r['finished']:>8} ({s['COMPLETE']}/{s['PRUNED']}/"
                 f"{s['FAIL']}/{s['RUNNING']})               {r['connections']:>19}  {r['inside']:>8.0%}  "
-                f"{r['startup']:>8.1f} s",
+                f"{r['startup']:>8.1f} s  {r['steady']:>15.2f}  {r['outside']:>10.2f}",
                 flush=True,
             )
 
