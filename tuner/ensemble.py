@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from tuner.data import Dataset
 from tuner.engine import resolve_device
@@ -43,7 +43,7 @@ from tuner.metrics import choose_threshold
 from tuner.refit import refit_one, replay_hparams, study_space
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
-from tuner.study import STUDIES_DIR, feasible, space_at_size, train_settings
+from tuner.study import STUDIES_DIR, ranked_trials, space_at_size, train_settings
 from tuner.training import DeviceData, train_model
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,7 @@ def pick_members(studies: list[optuna.Study], top_k: int, per_model: bool) -> li
     members = []
     for study in studies:
         space = study_space(study)
-        maximize = study.direction.name == "MAXIMIZE"
-        done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
-        ranked = sorted(done, key=lambda t: -t.value if maximize else t.value)
+        ranked = ranked_trials(study)
         if per_model:
             best_per_model: dict[str, FrozenTrial] = {}
             for t in ranked:
@@ -125,6 +123,7 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
     seed = int(m.trial.user_attrs["seed"])
     _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), train_settings(m.space), seed=seed)
     replayed = result.history[m.space.study.metric][result.best_epoch - 1]
+    assert m.trial.value is not None and result.best_val_probs is not None and result.val_targets is not None
     if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
         log.warning(
             "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)", m.name, replayed, m.trial.value
@@ -197,7 +196,7 @@ def ensemble(
     rule = members[0].space.study.threshold
     threshold = (
         choose_threshold(ensemble_val, val_target, positive_index=positive, rule=rule.rule, recall=rule.recall)
-        if binary
+        if positive is not None and binary
         else None
     )
     for m in members:
@@ -212,6 +211,7 @@ def ensemble(
         )
 
     def row(name: str, probs: torch.Tensor, thr: float | None, extra: dict) -> dict:
+        assert dataset.test is not None
         metric_fn = test_metric_fn(dataset.class_names, dataset.positive_index, thr)
         metrics = metric_fn(probs, test_target)
         ci = bootstrap_ci(
@@ -253,7 +253,7 @@ def ensemble(
     labelled = [*((r["name"], p) for r, p in zip(rows, test_probs, strict=True)), ("ensemble", ensemble_test)]
     write_predictions(out_dir / "predictions.csv", test_target, "model", labelled, dataset.class_names)
     plot_confusion(ensemble_row["metrics"]["confusion_matrix"], dataset.class_names, out_dir / "confusion_matrix.png")
-    if binary:
+    if positive is not None and threshold is not None:  # binary
         plot_roc_pr(
             ensemble_test, test_target, positive_index=positive, threshold=threshold, path=out_dir / "roc_pr.png"
         )

@@ -90,7 +90,7 @@ def bootstrap_ci(
     return out
 
 
-def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float]]:
+def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float | None]]:
     summary = {}
     for name in ("focus_recall", "focus_precision", *BOOTSTRAP_METRICS, "mcc"):
         if name not in per_seed[0]:
@@ -150,7 +150,7 @@ def load_test_data(study: optuna.Study, space: SearchSpace, cache_dir: Path) -> 
 
 
 def test_probabilities(
-    models: list[torch.nn.Module], dataset: Dataset, normalize: Normalize, device: torch.device, tta: str = "none"
+    models: Sequence[torch.nn.Module], dataset: Dataset, normalize: Normalize, device: torch.device, tta: str = "none"
 ) -> torch.Tensor:
     assert dataset.test is not None
     split = TensorSplit.from_numpy(dataset.test.images, dataset.test.labels, device)

@@ -97,7 +97,7 @@ def field_adapter(name: str) -> TypeAdapter[Any]:
     field = Hyperparameters.model_fields[name]
     if not field.metadata:
         return TypeAdapter(field.annotation)
-    return TypeAdapter(Annotated[(field.annotation, *field.metadata)])  # type: ignore[valid-type]
+    return TypeAdapter(Annotated.__class_getitem__((field.annotation, *field.metadata)))  # type: ignore[attr-defined]
 
 
 def field_kind(name: str) -> str:

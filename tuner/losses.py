@@ -21,6 +21,8 @@ def num_outputs(loss: str, num_classes: int) -> int:
 
 
 class CrossEntropy(nn.Module):
+    weight: torch.Tensor | None
+
     def __init__(self, weight: torch.Tensor | None, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -32,6 +34,8 @@ class CrossEntropy(nn.Module):
 
 class FocalLoss(nn.Module):
     """Softmax focal loss (Lin et al. 2017): cross-entropy scaled by (1 - p_true)^gamma."""
+
+    weight: torch.Tensor | None
 
     def __init__(self, weight: torch.Tensor | None, gamma: float = 2.0) -> None:
         super().__init__()
@@ -51,6 +55,8 @@ class FocalLoss(nn.Module):
 
 class BinaryCrossEntropy(nn.Module):
     """One logit for P(class == positive_index); class weights become ``pos_weight``."""
+
+    pos_weight: torch.Tensor | None
 
     def __init__(self, positive_index: int, weight: torch.Tensor | None) -> None:
         super().__init__()

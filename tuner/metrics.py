@@ -8,6 +8,7 @@ arg-max (multiclass, macro-averaged over classes).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torchmetrics.functional import classification as tmf
@@ -32,7 +33,7 @@ def _binary(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict
 
 def _multiclass(probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     k = probs.shape[1]
-    macro = {"num_classes": k, "average": "macro"}
+    macro: dict[str, Any] = {"num_classes": k, "average": "macro"}
     return {
         "accuracy": tmf.multiclass_accuracy(probs, target, num_classes=k, average="micro"),
         "balanced_accuracy": tmf.multiclass_recall(probs, target, **macro),
@@ -51,7 +52,7 @@ FOCUS_METRICS = ("recall", "precision", "f1")
 def _focus(probs: torch.Tensor, target: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
     """One class's recall, precision and F1 under arg-max decisions: e.g. 'cancer' of normal/benign/cancer."""
     k = probs.shape[1]
-    per_class = {"num_classes": k, "average": "none"}
+    per_class: dict[str, Any] = {"num_classes": k, "average": "none"}
     return {
         "focus_recall": tmf.multiclass_recall(probs, target, **per_class)[index],
         "focus_precision": tmf.multiclass_precision(probs, target, **per_class)[index],
@@ -78,9 +79,9 @@ def classification_metrics(
         values = _multiclass(probs, target)
         focus = _focus(probs, target, positive_index) if positive_index is not None else {}
     values.update(focus)
-    out = {}
-    for name, value in values.items():
-        value = float(value)
+    out: dict[str, float] = {}
+    for name, tensor in values.items():
+        value = float(tensor)
         out[name] = value if math.isfinite(value) else float("nan")
     return out
 
@@ -132,11 +133,12 @@ def evaluation_report(
     target = target.detach().long().cpu()
     k = probs.shape[1]
     binary = k == 2 and positive_index is not None
-    out = classification_metrics(probs, target, positive_index=positive_index, threshold=threshold)
+    out: dict[str, Any] = classification_metrics(probs, target, positive_index=positive_index, threshold=threshold)
     if k == 2:  # the focus class's metrics are recall / precision / f1 themselves
         for name in FOCUS_METRICS:
             out.pop(f"focus_{name}", None)
     if binary:
+        assert positive_index is not None
         score = probs[:, positive_index]
         is_pos = (target == positive_index).long()
         # torchmetrics' own thresholding, so the matrix agrees with the metrics above to the last item

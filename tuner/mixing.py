@@ -58,7 +58,8 @@ def mix_batches(
             yield x, y
             continue
         mode = modes[rng.integers(len(modes))]
-        lam = float(rng.beta(*(2 * [mixup_alpha if mode == "mixup" else cutmix_alpha])))
+        alpha = mixup_alpha if mode == "mixup" else cutmix_alpha
+        lam = float(rng.beta(alpha, alpha))
         partner = x.flip(0)
         if mode == "mixup":
             x = x.mul(lam).add_(partner, alpha=1 - lam)

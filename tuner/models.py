@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,6 +165,7 @@ def resolve_pretrained(name: str, pretrained: bool | str) -> Path | None:
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise TunerError(f"timm has no pretrained weights for {name!r}; use pretrained: false or a local file")
     if not cfg.hf_hub_id:
+        assert isinstance(cfg.url, str)
         return _cached_or_downloaded(name, cfg.url, _torch_hub_file(cfg.url))
     repo = cfg.hf_hub_id.split("@")[0]
     filenames = list(
@@ -309,15 +311,16 @@ def _timm_backbone(name: str, *, in_chans: int, image_size: int, drop_path: floa
     return model
 
 
-def _create_timm(name: str, image_size: int, **kwargs: object) -> nn.Module:
+def _create_timm(name: str, image_size: int, **kwargs: Any) -> nn.Module:
     import timm
 
     try:
-        # Vision transformers need the input size at construction; CNNs do not accept it.
-        return timm.create_model(name, img_size=image_size, **kwargs)
-    except TypeError:
-        pass
-    try:
+        # Vision transformers need the input size at construction; CNNs do not accept it, and say so.
+        try:
+            return timm.create_model(name, img_size=image_size, **kwargs)
+        except TypeError as err:
+            if "img_size" not in str(err):
+                raise
         return timm.create_model(name, **kwargs)
     except TypeError as err:
         if "drop_path_rate" in str(err):
@@ -416,7 +419,7 @@ def set_transformer_dropout(backbone: nn.Module, *, pos_dropout: float, block_dr
     if pos_dropout > 0:
         if not isinstance(getattr(backbone, "pos_drop", None), nn.Dropout):
             raise TunerError("pos_dropout needs a vision transformer (a timm model with a position-embedding dropout)")
-        backbone.pos_drop.p = pos_dropout
+        backbone.pos_drop.p = pos_dropout  # type: ignore[union-attr]
     if block_dropout > 0:
         all_blocks = getattr(backbone, "blocks", None)
         if not isinstance(all_blocks, nn.Sequential):
@@ -465,6 +468,6 @@ def build_model(
         )
     set_transformer_dropout(backbone, pos_dropout=pos_dropout, block_dropout=block_dropout, blocks=dropout_blocks)
     # timm's VGG pools 512 channels but its pre-logits MLP returns head_hidden_size (4096) features.
-    features = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+    features = int(getattr(backbone, "head_hidden_size", None) or getattr(backbone, "num_features"))  # noqa: B009
     head = build_head(features, num_outputs, hidden_sizes=hidden_sizes, dropout=dropout, dropout_layers=dropout_layers)
     return Classifier(backbone, head, freeze_backbone=freeze_backbone)

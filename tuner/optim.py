@@ -101,6 +101,7 @@ def build_scheduler(
         return LRSchedule(warmup, "epoch")
     rest = max_epochs - warmup_epochs
     main = _schedule(name, optimizer, rest, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode)
+    assert isinstance(main.scheduler, lr_scheduler.LRScheduler)  # an epoch schedule (checked above)
     return LRSchedule(
         lr_scheduler.SequentialLR(optimizer, [warmup, main.scheduler], milestones=[warmup_epochs]), "epoch"
     )
@@ -130,7 +131,10 @@ def _schedule(
         return LRSchedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs), "epoch")
     if name == "plateau":
         return LRSchedule(
-            lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=patience, factor=factor), "metric"
+            lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max" if mode == "max" else "min", patience=patience, factor=factor
+            ),
+            "metric",
         )
     if name == "onecycle":
         max_lr = [group["lr"] for group in optimizer.param_groups]

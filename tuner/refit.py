@@ -46,9 +46,10 @@ from tuner.evaluation import (
 from tuner.hparams import Hyperparameters
 from tuner.inference import TTA_VIEWS, average_probabilities
 from tuner.metrics import choose_threshold
+from tuner.models import Classifier
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
 from tuner.space import SearchSpace, parse_space, suggest
-from tuner.study import STUDIES_DIR, Objective, TrialData, best_trial, feasible, prepare, space_at_size
+from tuner.study import STUDIES_DIR, Objective, TrialData, best_trial, prepare, ranked_trials, space_at_size
 from tuner.training import DeviceData, TrainSettings, model_normalization, pooled, train_model
 
 log = logging.getLogger(__name__)
@@ -108,12 +109,11 @@ def rescore(
     """Re-train the ``top_k`` best trials with ``seeds`` fresh seeds each, on validation only (never test),
     and pick the one with the best mean: a remedy for the winner's curse of one noisy validation score."""
     maximize = study.direction.name == "MAXIMIZE"
-    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
-    top = sorted(completed, key=lambda t: -t.value if maximize else t.value)[:top_k]
+    top = ranked_trials(study)[:top_k]
     sizes = TrialData(space, dataset, device, cache_dir)
     data, folds = sizes.at(None)
     objective = Objective(space, data, dataset.class_names, None, folds, sizes=sizes)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for trial in top:
         hparams = replay_hparams(trial, space)
         values = []
@@ -194,7 +194,7 @@ def refit_one(
 
 def save_refit_model(
     path: Path,
-    models: list[torch.nn.Module],
+    models: list[Classifier],
     hparams: Hyperparameters,
     dataset: Dataset,
     normalize: Normalize,
@@ -228,7 +228,7 @@ class SeedRun:
     """What one seed of the recipe gives: its networks, their test probabilities averaged (with TTA),
     the first network's alone (no TTA), and out-of-fold probabilities on train+val (with folds)."""
 
-    models: list[torch.nn.Module]
+    models: list[Classifier]
     normalize: Normalize
     test_probs: torch.Tensor
     single_test_probs: torch.Tensor
@@ -488,7 +488,11 @@ def refit(
             out_dir / "oof_predictions.csv",
             tv_target,
             "model",
-            [(f"seed {seed}", run.oof_probs) for seed, run in zip(seed_list, runs, strict=True)],
+            [
+                (f"seed {seed}", run.oof_probs)
+                for seed, run in zip(seed_list, runs, strict=True)
+                if run.oof_probs is not None
+            ],
             dataset.class_names,
         )
     _plots(

@@ -289,7 +289,7 @@ class Range:
 @dataclass(frozen=True)
 class Option:
     value: Any
-    params: tuple[Fixed | Range | Choice, ...] = ()
+    params: tuple[Fixed | Range | Choice | PerClass, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ class PerClass:
     each searched entry is its own Optuna parameter, ``class_weights.malignant``."""
 
     name: str
-    entries: tuple[tuple[str, Fixed | Range | Choice], ...]
+    entries: tuple[tuple[str, Fixed | Range | Choice | PerClass], ...]
 
     def suggest(self, trial: Any, out: dict[str, Any]) -> None:
         values: dict[str, Any] = {}

@@ -237,7 +237,7 @@ def open_study(
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        direction=space.study.resolved_direction,
+        direction="maximize" if space.study.resolved_direction == "maximize" else "minimize",
         sampler=build_sampler(space.study.sampler),
         pruner=build_pruner(space.study.pruner, space.train.max_epochs),
         load_if_exists=True,
@@ -479,7 +479,9 @@ class Objective:
     def _cross_validate(
         self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, folds: list[DeviceData]
     ) -> float:
-        values, epochs, probs, targets = [], [], [], []
+        values, epochs = [], []
+        probs: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
         first = None
         for fold, data in enumerate(folds):
             _, result = train_model(hparams, data, self.settings, seed=seed, on_retry=self._retry(trial, history))
@@ -487,6 +489,7 @@ class Objective:
             value = self._value(result)
             values.append(value)
             epochs.append(result.best_epoch)
+            assert result.best_val_probs is not None and result.val_targets is not None  # folds validate
             probs.append(result.best_val_probs)
             targets.append(result.val_targets)
             history.setdefault(f"fold_{self.metric}", []).append(value)
@@ -517,17 +520,16 @@ class Objective:
         self, trial: Any, history: dict, probs: torch.Tensor | None, targets: torch.Tensor | None, state: dict
     ) -> None:
         """Operating point on validation (frozen for the test set) and the dashboard's artifacts."""
-        binary = self.data.num_classes == 2 and self.data.positive_index is not None
+        positive = self.data.positive_index
         threshold = 0.5
-        if binary and probs is not None:
+        at: dict[str, float] = {}
+        if self.data.num_classes == 2 and positive is not None and probs is not None and targets is not None:
             rule = self.space.study.threshold
-            threshold = choose_threshold(
-                probs, targets, positive_index=self.data.positive_index, rule=rule.rule, recall=rule.recall
-            )
-            at = classification_metrics(probs, targets, positive_index=self.data.positive_index, threshold=threshold)
+            threshold = choose_threshold(probs, targets, positive_index=positive, rule=rule.rule, recall=rule.recall)
+            at = classification_metrics(probs, targets, positive_index=positive, threshold=threshold)
             trial.set_user_attr("threshold", threshold)
             trial.set_user_attr("val_at_threshold", at)
-        self._constrain(trial, history, at if binary and probs is not None else {})
+        self._constrain(trial, history, at)
         if self.artifacts is not None and isinstance(trial, optuna.Trial):
             self.artifacts.add(
                 trial,
@@ -561,6 +563,17 @@ class Objective:
 def feasible(trial: FrozenTrial) -> bool:
     """Whether a finished trial met its study's constraints (every trial does when there are none)."""
     return all(v <= 0 for v in trial.constraints.values())
+
+
+def ranked_trials(study: optuna.Study, *, feasible_only: bool = True) -> list[FrozenTrial]:
+    """The study's completed trials, best first (within study.constraints unless ``feasible_only=False``)."""
+    done = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE and t.value is not None and (feasible(t) or not feasible_only)
+    ]
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return sorted(done, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
 
 
 def best_value(study: optuna.Study) -> float | None:

@@ -115,7 +115,8 @@ class DeviceData:
 
 def pooled(*parts: np.ndarray | None) -> np.ndarray | None:
     """Per-item arrays (groups, tags) of several splits joined; None unless every split has one."""
-    return None if any(p is None for p in parts) else np.concatenate(parts)
+    present = [p for p in parts if p is not None]
+    return np.concatenate(present) if len(present) == len(parts) else None
 
 
 def _extra_indices(extra_labels: np.ndarray, train_labels: np.ndarray, ratio: float, seed: int) -> np.ndarray:
@@ -247,7 +248,7 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
     device = data.train.images.device
     channels_last = settings.uses_channels_last(device)
     model = build_classifier(hparams, num_classes=data.num_classes, channels=data.channels, image_size=data.image_size)
-    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+    model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)  # type: ignore[call-overload]
 
     pool, pool_labels = training_pool(hparams, data, seed)
     weights = loss_class_weights(hparams, data, pool_labels)
@@ -363,7 +364,8 @@ def _train_once(
     generator = torch.Generator().manual_seed(seed)
     amp = settings.uses_amp(device)
     model: torch.nn.Module = c.model
-    pool, val, normalize = c.pool, data.val, c.normalize
+    pool, val = c.pool, data.val
+    normalize: Normalize | None = c.normalize
     if settings.cached_features and uses_cached_features(hparams):
         # Only the head trains, on the backbone's features of the same images in the same batches.
         embed = partial(

@@ -14,10 +14,10 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
 
 from tuner.errors import TunerError
 from tuner.space import SearchSpace, suggest
+from tuner.study import ranked_trials
 
 
 class _OutsideTheSpace(Exception):
@@ -60,11 +60,10 @@ def warm_start(study: optuna.Study, space: SearchSpace, donor: optuna.Study, *, 
     """Enqueue ``donor``'s ``top_k`` best completed configurations into ``study``; returns what was said."""
     if top_k < 1:
         raise TunerError(f"--top-k must be at least 1, but got --top-k {top_k}")
-    completed = [t for t in donor.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if not completed:
+    # The donor's best by its value, whatever its own constraints: the new study judges feasibility anew.
+    best = ranked_trials(donor, feasible_only=False)[:top_k]
+    if not best:
         raise TunerError(f"study {donor.study_name!r} has no completed trial to warm-start from")
-    maximize = donor.direction == optuna.study.StudyDirection.MAXIMIZE
-    best = sorted(completed, key=lambda t: -t.value if maximize else t.value)[:top_k]  # type: ignore[operator]
     said: list[str] = []
     dropped: set[str] = set()
     new: set[str] = set()

@@ -28,6 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
@@ -79,7 +80,7 @@ class TrialBudget:
 
     def __init__(self, study: optuna.Study) -> None:
         storage = getattr(study._storage, "_backend", study._storage)  # Optuna wraps RDBStorage in a cache
-        self.engine = storage.engine
+        self.engine = storage.engine  # type: ignore[union-attr]
         self.study_id = study._study_id
         _metadata.create_all(self.engine, checkfirst=True)
 
@@ -388,7 +389,12 @@ def run_optimize(
         study.set_user_attr("stopped", None)
     if plan:
         return study
-    common = {"space": space, "storage_url": storage_url, "cache_dir": cache_dir, "heartbeat": heartbeat}
+    common: dict[str, Any] = {
+        "space": space,
+        "storage_url": storage_url,
+        "cache_dir": cache_dir,
+        "heartbeat": heartbeat,
+    }
     if n_workers == 1:
         gpu = slots[0] if slots else None
         work(**common, callbacks=callbacks, dataset=dataset, threads=threads, gpu=gpu, on_epoch=on_epoch)
