@@ -242,6 +242,8 @@ def fit(
     amp_dtype: torch.dtype | None = None,
     ema_decay: float = 0.0,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    train_counts: list[int] | None = None,
+    images_per_epoch: int | None = None,
 ) -> FitResult:
     """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches.
 
@@ -254,6 +256,9 @@ def fit(
     ``ema_decay`` > 0 keeps an exponential moving average of the weights (timm's ``ModelEmaV3``, its
     decay warmed up over the first steps, as short runs need): validation, the best epoch's state and
     the model returned are the averaged weights.
+
+    ``train_counts`` / ``images_per_epoch`` (what the caller's sampler feeds each epoch) are stored in
+    the result as given, so it is complete when ``fit`` returns.
     """
     _check_fit_arguments(
         max_epochs=max_epochs,
@@ -341,4 +346,6 @@ def fit(
         stopped_early=stopped_early,
         best_val_probs=best_probs,
         val_targets=targets,
+        train_counts=train_counts,
+        images_per_epoch=images_per_epoch,
     )

@@ -8,15 +8,23 @@ Each scheduler knows when it steps: per optimizer step (OneCycle), per epoch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch.optim import lr_scheduler
 
 from tuner.errors import TunerError
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "step", "multistep", "exponential", "plateau", "onecycle", "cosine")
+# The registries: a name in a space file -> what builds it. The allowed names in the schema and
+# the error messages come from their keys.
+OPTIMIZER_CLASSES: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "sgd": torch.optim.SGD,
+}
+OPTIMIZERS = tuple(OPTIMIZER_CLASSES)
 
 
 def build_optimizer(
@@ -38,13 +46,10 @@ def build_optimizer(
     groups = [{"params": params, "lr": lr}] if params else []
     if slow:
         groups.append({"params": slow, "lr": lr * slower_ratio})
-    if name == "adam":
-        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
-    raise TunerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, but got optimizer={name!r}")
+    if name not in OPTIMIZER_CLASSES:
+        raise TunerError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, but got optimizer={name!r}")
+    extra = {"momentum": momentum} if name == "sgd" else {}  # the only one of them with momentum
+    return OPTIMIZER_CLASSES[name](groups, lr=lr, weight_decay=weight_decay, **extra)
 
 
 class LRSchedule:
@@ -69,6 +74,55 @@ class LRSchedule:
             self.scheduler.step(metric)  # type: ignore[union-attr]
 
 
+@dataclass(frozen=True)
+class ScheduleArgs:
+    """Everything a schedule may take, from the trial's hyperparameters and the run's length."""
+
+    max_epochs: int
+    steps_per_epoch: int
+    step_size: int
+    gamma: float
+    milestones: Sequence[int]
+    patience: int
+    factor: float
+    mode: str
+
+
+def _onecycle(optimizer: torch.optim.Optimizer, a: ScheduleArgs) -> LRSchedule:
+    max_lr = [group["lr"] for group in optimizer.param_groups]  # each group's own peak (backbone_lr_ratio)
+    total = max(1, a.max_epochs * a.steps_per_epoch)
+    return LRSchedule(lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total), "step", total_steps=total)
+
+
+def _plateau(optimizer: torch.optim.Optimizer, a: ScheduleArgs) -> LRSchedule:
+    mode: Literal["min", "max"] = "max" if a.mode == "max" else "min"
+    return LRSchedule(
+        lr_scheduler.ReduceLROnPlateau(optimizer, mode=mode, patience=a.patience, factor=a.factor), "metric"
+    )
+
+
+SCHEDULE_BUILDERS: dict[str, Callable[[torch.optim.Optimizer, ScheduleArgs], LRSchedule]] = {
+    "none": lambda opt, a: LRSchedule(None, "none"),
+    "step": lambda opt, a: LRSchedule(lr_scheduler.StepLR(opt, step_size=a.step_size, gamma=a.gamma), "epoch"),
+    "multistep": lambda opt, a: LRSchedule(
+        lr_scheduler.MultiStepLR(opt, milestones=sorted(a.milestones), gamma=a.gamma), "epoch"
+    ),
+    "exponential": lambda opt, a: LRSchedule(lr_scheduler.ExponentialLR(opt, gamma=a.gamma), "epoch"),
+    "plateau": _plateau,
+    "onecycle": _onecycle,
+    "cosine": lambda opt, a: LRSchedule(lr_scheduler.CosineAnnealingLR(opt, T_max=a.max_epochs), "epoch"),
+}
+SCHEDULERS = tuple(SCHEDULE_BUILDERS)
+# Stepped once per epoch: the ones a warm-up can precede.
+EPOCH_SCHEDULES = ("none", "step", "multistep", "exponential", "cosine")
+
+
+def _schedule(name: str, optimizer: torch.optim.Optimizer, args: ScheduleArgs) -> LRSchedule:
+    if name not in SCHEDULE_BUILDERS:
+        raise TunerError(f"scheduler must be one of {', '.join(SCHEDULERS)}, but got scheduler={name!r}")
+    return SCHEDULE_BUILDERS[name](optimizer, args)
+
+
 def build_scheduler(
     name: str,
     optimizer: torch.optim.Optimizer,
@@ -85,13 +139,12 @@ def build_scheduler(
 ) -> LRSchedule:
     """The LR schedule ``name``; ``warmup_epochs`` > 0 first raises the rate linearly over that many epochs
     (from 1/(warmup_epochs+1) of it), then hands over to ``name`` for the epochs left."""
+    args = ScheduleArgs(max_epochs, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode)
     if warmup_epochs == 0:
-        return _schedule(
-            name, optimizer, max_epochs, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode
-        )
-    if name in ("onecycle", "plateau"):
+        return _schedule(name, optimizer, args)
+    if name in SCHEDULE_BUILDERS and name not in EPOCH_SCHEDULES:
         raise TunerError(
-            f"warmup_epochs applies to epoch schedules (none, step, multistep, exponential, cosine), not to "
+            f"warmup_epochs applies to epoch schedules ({', '.join(EPOCH_SCHEDULES)}), not to "
             f"scheduler={name!r}" + (" (it warms up by itself)" if name == "onecycle" else "")
         )
     if warmup_epochs >= max_epochs:
@@ -100,46 +153,8 @@ def build_scheduler(
     if name == "none":
         return LRSchedule(warmup, "epoch")
     rest = max_epochs - warmup_epochs
-    main = _schedule(name, optimizer, rest, steps_per_epoch, step_size, gamma, milestones, patience, factor, mode)
+    main = _schedule(name, optimizer, replace(args, max_epochs=rest))
     assert isinstance(main.scheduler, lr_scheduler.LRScheduler)  # an epoch schedule (checked above)
     return LRSchedule(
         lr_scheduler.SequentialLR(optimizer, [warmup, main.scheduler], milestones=[warmup_epochs]), "epoch"
     )
-
-
-def _schedule(
-    name: str,
-    optimizer: torch.optim.Optimizer,
-    max_epochs: int,
-    steps_per_epoch: int,
-    step_size: int,
-    gamma: float,
-    milestones: Sequence[int],
-    patience: int,
-    factor: float,
-    mode: str,
-) -> LRSchedule:
-    if name == "none":
-        return LRSchedule(None, "none")
-    if name == "step":
-        return LRSchedule(lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma), "epoch")
-    if name == "multistep":
-        return LRSchedule(lr_scheduler.MultiStepLR(optimizer, milestones=sorted(milestones), gamma=gamma), "epoch")
-    if name == "exponential":
-        return LRSchedule(lr_scheduler.ExponentialLR(optimizer, gamma=gamma), "epoch")
-    if name == "cosine":
-        return LRSchedule(lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs), "epoch")
-    if name == "plateau":
-        return LRSchedule(
-            lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max" if mode == "max" else "min", patience=patience, factor=factor
-            ),
-            "metric",
-        )
-    if name == "onecycle":
-        max_lr = [group["lr"] for group in optimizer.param_groups]
-        total = max(1, max_epochs * steps_per_epoch)
-        return LRSchedule(
-            lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=total), "step", total_steps=total
-        )
-    raise TunerError(f"scheduler must be one of {', '.join(SCHEDULERS)}, but got scheduler={name!r}")

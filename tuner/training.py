@@ -430,10 +430,10 @@ def _train_once(
         amp=amp,
         ema_decay=hparams.ema_decay,
         on_epoch=on_epoch,
+        train_counts=np.bincount(c.pool_labels, minlength=data.num_classes).tolist(),
+        images_per_epoch=sum(target_counts(c.pool_labels, c.strategy, hparams.ratio, c.multipliers).values()),
     )
     if model is not c.model:  # the head's states, completed with the frozen backbone's
         backbone = {f"backbone.{k}": v.detach().cpu() for k, v in c.model.backbone.state_dict().items()}
         result.best_state = {**backbone, **{f"head.{k}": v for k, v in result.best_state.items()}}
-    result.train_counts = np.bincount(c.pool_labels, minlength=data.num_classes).tolist()
-    result.images_per_epoch = sum(target_counts(c.pool_labels, c.strategy, hparams.ratio, c.multipliers).values())
     return c.model, result
