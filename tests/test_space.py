@@ -4,9 +4,10 @@ import re
 
 import optuna
 import pytest
+from pydantic import ValidationError
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.errors import SpaceError
+from tuner.errors import SpaceError, TunerError
 from tuner.hparams import Hyperparameters
 from tuner.space import Choice, Fixed, Range, parse_space, suggest
 
@@ -226,3 +227,30 @@ def test_per_class_values_are_searched_entry_by_entry_and_replay():
 def test_per_class_errors_name_the_class(params, message):
     with pytest.raises(SpaceError, match=re.escape(message)):
         parse_space({"params": params})
+
+
+def test_every_sampler_and_pruner_name_in_the_schema_builds_and_no_other():
+    """The schema's names come from the registries: each builds its Optuna object, and the pruner
+    settings' discriminated union names exactly the registry's pruners."""
+    from typing import get_args
+
+    import optuna
+
+    from tuner.samplers import PRUNERS, SAMPLERS
+    from tuner.space import PrunerSettings, SamplerSettings
+    from tuner.study import build_pruner, build_sampler
+
+    union = get_args(get_args(PrunerSettings)[0])
+    assert {get_args(cls.model_fields["name"].annotation)[0] for cls in union} == set(PRUNERS)
+    for cls in union:
+        settings = cls(name=get_args(cls.model_fields["name"].annotation)[0])
+        assert isinstance(build_pruner(settings, max_epochs=10), optuna.pruners.BasePruner)
+    for name in SAMPLERS:
+        try:
+            sampler = build_sampler(SamplerSettings(name=name))
+        except TunerError as err:  # cmaes without its package: said plainly
+            assert "pip install cmaes" in str(err)
+            continue
+        assert isinstance(sampler, optuna.samplers.BaseSampler)
+    with pytest.raises(ValidationError):
+        SamplerSettings(name="bayes")

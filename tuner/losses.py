@@ -7,13 +7,13 @@ class's probability and its complement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tuner.errors import TunerError
-
-LOSSES = ("ce", "bce", "focal")
 
 
 def num_outputs(loss: str, num_classes: int) -> int:
@@ -69,6 +69,23 @@ class BinaryCrossEntropy(nn.Module):
         return F.binary_cross_entropy_with_logits(logits.float()[:, 0], is_positive, pos_weight=self.pos_weight)
 
 
+def _bce(num_classes: int, positive_index: int | None, weights: torch.Tensor | None, **_: float) -> nn.Module:
+    if num_classes != 2:
+        raise TunerError(f"loss='bce' needs exactly two classes, but the data has {num_classes}; use 'ce' or 'focal'")
+    return BinaryCrossEntropy(1 if positive_index is None else positive_index, weights)
+
+
+# The registry: a loss's name in a space file -> its builder (the schema's names come from the keys).
+LOSS_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "ce": lambda num_classes, positive_index, weights, label_smoothing, focal_gamma: CrossEntropy(
+        weights, label_smoothing
+    ),
+    "bce": _bce,
+    "focal": lambda num_classes, positive_index, weights, label_smoothing, focal_gamma: FocalLoss(weights, focal_gamma),
+}
+LOSSES = tuple(LOSS_BUILDERS)
+
+
 def build_loss(
     name: str,
     *,
@@ -78,17 +95,15 @@ def build_loss(
     label_smoothing: float = 0.0,
     focal_gamma: float = 2.0,
 ) -> nn.Module:
-    if name == "ce":
-        return CrossEntropy(class_weights, label_smoothing)
-    if name == "focal":
-        return FocalLoss(class_weights, focal_gamma)
-    if name == "bce":
-        if num_classes != 2:
-            raise TunerError(
-                f"loss='bce' needs exactly two classes, but the data has {num_classes}; use 'ce' or 'focal'"
-            )
-        return BinaryCrossEntropy(1 if positive_index is None else positive_index, class_weights)
-    raise TunerError(f"loss must be one of ce, bce, focal, but got loss={name!r}")
+    if name not in LOSS_BUILDERS:
+        raise TunerError(f"loss must be one of {', '.join(LOSSES)}, but got loss={name!r}")
+    return LOSS_BUILDERS[name](
+        num_classes=num_classes,
+        positive_index=positive_index,
+        weights=class_weights,
+        label_smoothing=label_smoothing,
+        focal_gamma=focal_gamma,
+    )
 
 
 def logits_to_probs(logits: torch.Tensor, *, num_classes: int, positive_index: int | None = None) -> torch.Tensor:

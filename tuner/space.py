@@ -35,6 +35,7 @@ from tuner import hparams as hp
 from tuner.data.sources import CsvColumns
 from tuner.errors import SpaceError, TunerError
 from tuner.models import check_model_name, resolve_pretrained
+from tuner.samplers import PRUNERS, SAMPLERS
 
 METRICS = (
     "val_auroc",
@@ -58,7 +59,7 @@ class _Frozen(BaseModel):
 
 
 class SamplerSettings(_Frozen):
-    name: Literal["tpe", "random", "gp", "cmaes"] = "tpe"
+    name: Literal[tuple(SAMPLERS)] = "tpe"  # type: ignore[valid-type]
     seed: int = 0
     n_startup_trials: Annotated[int, Field(ge=0)] = 5
 
@@ -115,7 +116,6 @@ PrunerSettings = Annotated[
     ],
     Field(discriminator="name"),
 ]
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
 
 
 class ThresholdSettings(_Frozen):

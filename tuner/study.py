@@ -37,6 +37,7 @@ from tuner.errors import SpaceError, StorageError, TunerError
 from tuner.hparams import Hyperparameters
 from tuner.metrics import choose_threshold, classification_metrics
 from tuner.resources import GPU_ENV, worker_name
+from tuner.samplers import PRUNERS, SAMPLERS
 from tuner.space import SamplerSettings, SearchSpace, class_names_used, iter_specs, suggest
 from tuner.training import DeviceData, OutOfMemory, TrainSettings, free_memory, pooled, train_model
 
@@ -191,38 +192,11 @@ def copy_study(study_name: str, storage: str | None, to_storage: str) -> optuna.
 
 
 def build_sampler(settings: SamplerSettings) -> optuna.samplers.BaseSampler:
-    if settings.name == "tpe":
-        return optuna.samplers.TPESampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
-    if settings.name == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    if settings.name == "gp":
-        return optuna.samplers.GPSampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
-    if settings.name == "cmaes":
-        try:
-            import cmaes  # noqa: F401
-        except ImportError:
-            raise TunerError("sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
-        return optuna.samplers.CmaEsSampler(seed=settings.seed, n_startup_trials=settings.n_startup_trials)
-    raise TunerError(f"sampler must be one of tpe, random, gp, cmaes, but got {settings.name!r}")
+    return SAMPLERS[settings.name](settings.seed, settings.n_startup_trials)
 
 
 def build_pruner(settings: Any, max_epochs: int) -> optuna.pruners.BasePruner:
-    kwargs = settings.model_dump(exclude={"name"})
-    if settings.name == "median":
-        return optuna.pruners.MedianPruner(**kwargs)
-    if settings.name == "percentile":
-        return optuna.pruners.PercentilePruner(**kwargs)
-    if settings.name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(**kwargs)
-    if settings.name == "hyperband":
-        if kwargs["max_resource"] == "auto":
-            kwargs["max_resource"] = max_epochs
-        return optuna.pruners.HyperbandPruner(**kwargs)
-    if settings.name == "wilcoxon":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.pruners.WilcoxonPruner(**kwargs)
-    return optuna.pruners.NopPruner()
+    return PRUNERS[settings.name](max_epochs, **settings.model_dump(exclude={"name"}))
 
 
 # ------------------------------------------------------------------ study
