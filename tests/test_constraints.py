@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.study import load_existing_study
+from tuner.storage import load_existing_study
 
 
 def _space(lesion_npz, name: str, constraints: dict | None = None) -> dict:

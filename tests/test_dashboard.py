@@ -17,7 +17,7 @@ from optuna.artifacts import get_all_artifact_meta
 from PIL import Image
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.study import load_existing_study
+from tuner.storage import load_existing_study
 
 PLOTS = ("curves.png", "val_confusion_matrix.png", "val_roc_pr.png")
 

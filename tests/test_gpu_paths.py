@@ -16,7 +16,7 @@ from tuner.hparams import Hyperparameters
 from tuner.losses import logits_to_probs
 from tuner.metrics import classification_metrics
 from tuner.models import BUILTIN_MODELS, SmallCNN
-from tuner.study import open_storage
+from tuner.storage import open_storage
 from tuner.training import DeviceData, OutOfMemory, TrainSettings, build_components, train_model
 
 

@@ -14,7 +14,7 @@ from tests.conftest import invoke, tiny_space, write_space
 from tuner.checkpoint import load_model
 from tuner.data import load_dataset
 from tuner.metrics import choose_threshold
-from tuner.study import load_existing_study
+from tuner.storage import load_existing_study
 
 
 def _space(npz: Path, **study) -> dict:

@@ -149,7 +149,7 @@ def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data
 @pytest.mark.parametrize("balancing", ["smote", "adasyn"])
 def test_mhist_space_with_pixel_smote_and_hard_examples_left_out(workdir, data_kinds, balancing):
     from tests.conftest import invoke
-    from tuner.study import load_existing_study
+    from tuner.storage import load_existing_study
 
     result = invoke(
         "optimize",

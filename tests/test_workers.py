@@ -14,7 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.study import open_storage
+from tuner.storage import open_storage
 
 pytestmark = pytest.mark.slow
 

@@ -194,7 +194,7 @@ def optimize(
     machine helps finish them. The total is exact: failed trials are replaced.
     """
     from tuner.space import load_space, parse_assignments
-    from tuner.study import redact
+    from tuner.storage import redact
     from tuner.workers import TrialBudget, run_optimize
 
     _setup_logging(verbose, quiet)
@@ -210,7 +210,7 @@ def optimize(
     storage_url = storage or _default_storage(spec.study.name)
     donor = None
     if warm_start is not None:
-        from tuner.study import load_existing_study
+        from tuner.storage import load_existing_study
 
         donor = load_existing_study(warm_start, warm_start_storage or storage)
     total = 0 if join or plan else spec.study.n_trials
@@ -329,7 +329,7 @@ def _parse_gpus(text: str | None) -> list[int]:
 
 
 def _default_storage(study: str) -> str:
-    from tuner.study import default_storage
+    from tuner.storage import default_storage
 
     return default_storage(study)
 
@@ -371,7 +371,8 @@ def trials(
     limit: Annotated[int, typer.Option(help="Show at most this many, best first.")] = 50,
 ) -> None:
     """A table of the study's trials: state, value, best epoch, searched params, duration."""
-    from tuner.study import load_existing_study, trial_summary
+    from tuner.storage import load_existing_study
+    from tuner.study import trial_summary
 
     s = load_existing_study(study, storage)
     rows = [trial_summary(t) for t in s.get_trials(deepcopy=False)]
@@ -412,7 +413,8 @@ def best(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The best trial (within study.constraints): value, params, best epoch."""
-    from tuner.study import best_trial, load_existing_study, trial_summary
+    from tuner.storage import load_existing_study
+    from tuner.study import best_trial, trial_summary
 
     s = load_existing_study(study, storage)
     trial = best_trial(s)
@@ -434,7 +436,7 @@ def copy(
     storage: StorageOpt = None,
 ) -> None:
     """Copy a study to another storage (e.g. the local SQLite file to PostgreSQL), trials and history included."""
-    from tuner.study import copy_study, redact
+    from tuner.storage import copy_study, redact
 
     copied = copy_study(study, storage, to)
     out.print(
@@ -457,7 +459,7 @@ def dashboard(
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from tuner.study import load_existing_study, redact
+    from tuner.storage import load_existing_study, redact
 
     s = load_existing_study(study, storage)
     folder = s.user_attrs.get("artifact_dir")
@@ -509,7 +511,7 @@ def refit(
 ) -> None:
     """Retrain a trial on train+validation and evaluate it once on the locked test split."""
     from tuner.refit import refit as run_refit
-    from tuner.study import load_existing_study
+    from tuner.storage import load_existing_study
 
     _setup_logging(verbose, quiet)
     if best_trial and trial is not None:
@@ -577,7 +579,7 @@ def ensemble(
     threshold), refit on train+validation like `tuner refit`, and evaluated once on the test split.
     """
     from tuner.ensemble import ensemble as run_ensemble
-    from tuner.study import load_existing_study
+    from tuner.storage import load_existing_study
 
     _setup_logging(verbose, quiet)
     loaded = [load_existing_study(name, storage) for name in dict.fromkeys(studies)]
@@ -710,7 +712,7 @@ def report(
 ) -> None:
     """The study view: top trials, parameter importances, optimization history (written as files too)."""
     from tuner.report import study_report
-    from tuner.study import load_existing_study
+    from tuner.storage import load_existing_study
 
     s = load_existing_study(study, storage)
     folder = out_dir or Path("studies") / study / "report"

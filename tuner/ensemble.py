@@ -43,7 +43,8 @@ from tuner.metrics import choose_threshold
 from tuner.refit import refit_one, replay_hparams, study_space
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
-from tuner.study import STUDIES_DIR, ranked_trials, space_at_size, train_settings
+from tuner.storage import STUDIES_DIR
+from tuner.study import ranked_trials, space_at_size, train_settings
 from tuner.training import DeviceData, train_model
 
 log = logging.getLogger(__name__)

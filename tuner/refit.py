@@ -49,7 +49,8 @@ from tuner.metrics import choose_threshold
 from tuner.models import Classifier
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
 from tuner.space import SearchSpace, parse_space, suggest
-from tuner.study import STUDIES_DIR, Objective, TrialData, best_trial, prepare, ranked_trials, space_at_size
+from tuner.storage import STUDIES_DIR
+from tuner.study import Objective, TrialData, best_trial, prepare, ranked_trials, space_at_size
 from tuner.training import DeviceData, TrainSettings, model_normalization, pooled, train_model
 
 log = logging.getLogger(__name__)

@@ -40,21 +40,17 @@ from tuner.engine import resolve_device
 from tuner.errors import StorageError, TunerError
 from tuner.resources import gpu_slots, see_only_gpu, threads_per_worker, use_threads, worker_name
 from tuner.space import SearchSpace
+from tuner.storage import STUDIES_DIR, OnStaleTrial, open_storage, parse_storage_url, redact
 from tuner.study import (
     FINISHED,
-    STUDIES_DIR,
     EpochProgress,
     Objective,
-    OnStaleTrial,
     TrialData,
     build_pruner,
     build_sampler,
     feasible,
-    open_storage,
     open_study,
-    parse_storage_url,
     prepare,
-    redact,
 )
 from tuner.warm_start import warm_start
 
