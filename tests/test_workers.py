@@ -193,3 +193,50 @@ def test_a_local_study_moves_to_postgres_with_one_command(postgres_url, workdir)
     assert [t.number for t in _study("moving", postgres_url).trials] == [0, 1, 2]
     again = invoke("copy", "--study", "moving", "--to", postgres_url)
     assert again.exit_code == 2 and "already exists" in again.stderr
+
+
+def test_a_retry_is_waiting_before_its_start_is_given_back(workdir):
+    """The race a Slurm run once lost: a worker claiming the start a stale trial gave back must find that
+    trial's retry already WAITING, or it creates a new trial and the retry waits for ever."""
+    from tuner.storage import OnStaleTrial
+    from tuner.workers import TrialBudget, _AfterTrial
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{workdir}/race.db"))
+    budget = TrialBudget(study)
+    budget.add(2, others_running=False)
+    waiting_when_given_back = []
+    original_give_back = budget.give_back
+
+    def give_back(**kwargs) -> None:
+        waiting_when_given_back.append(len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,))))
+        original_give_back(**kwargs)
+
+    budget.give_back = give_back  # type: ignore[method-assign]
+    for callback in (OnStaleTrial(lambda s, t: budget.give_back()), _AfterTrial(budget)):
+        assert budget.claim()
+        trial = study.ask()
+        trial.suggest_float("x", 0.0, 1.0)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        callback(study, study._storage.get_trial(trial._trial_id))
+    # each retry enqueued before its start came back (the second ask() ran the first retry); the other
+    # order would give [0, 0]
+    assert waiting_when_given_back == [1, 1]
+
+
+def test_a_waiting_trial_with_no_start_left_is_not_waited_for_for_ever(workdir, monkeypatch):
+    from tuner import workers
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{workdir}/orphan.db"))
+    budget = workers.TrialBudget(study)
+    budget.add(1, others_running=False)
+    study.enqueue_trial({"x": 0.5})
+    seen: dict[int, float] = {}
+    workers._drop_orphans(study, budget, seen)  # a start is left: the waiting trial will run
+    assert study.get_trials(deepcopy=False)[0].state == TrialState.WAITING and not seen
+    assert budget.claim()  # the start is taken (by a trial that then ran elsewhere)
+    workers._drop_orphans(study, budget, seen)  # seen, but within the grace period: left alone
+    assert study.get_trials(deepcopy=False)[0].state == TrialState.WAITING
+    monkeypatch.setattr(workers, "ORPHAN_GRACE_SECONDS", 0.0)
+    workers._drop_orphans(study, budget, seen)
+    orphan = study.get_trials(deepcopy=False)[0]
+    assert orphan.state == TrialState.FAIL and "planned total was reached" in orphan.system_attrs["fail_reason"]

@@ -36,18 +36,23 @@ def redact(url: str) -> str:
 
 
 class OnStaleTrial:
-    """Heartbeat-stale trial: run ``first`` (tuner's bookkeeping), then Optuna's retry (re-queue its params)."""
+    """Heartbeat-stale trial: Optuna's retry (re-queue its params as a WAITING trial), then ``then``
+    (tuner's bookkeeping: give its start back to the budget).
 
-    def __init__(self, first: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
-        self.first = first
+    In that order: once the start is back another worker may claim it at once, and it must find the
+    re-queued trial waiting; the other way round it could create a new trial instead, leaving the
+    re-queued one WAITING with no start left to run it, and the workers waiting for it for ever."""
+
+    def __init__(self, then: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        self.then = then
         with warnings.catch_warnings():  # experimental in Optuna; it is what retries a dead worker's trial
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             self.retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if self.first is not None:
-            self.first(study, trial)
         self.retry(study, trial)
+        if self.then is not None:
+            self.then(study, trial)
 
 
 def parse_storage_url(url: str) -> sqlalchemy.engine.URL:

@@ -21,6 +21,7 @@ its GPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import sys
@@ -124,6 +125,27 @@ class TrialBudget:
             return 0 if row is None else max(0, row.target - row.claimed)
 
 
+ORPHAN_GRACE_SECONDS = 10.0
+
+
+def _drop_orphans(study: optuna.Study, budget: TrialBudget, seen: dict[int, float]) -> None:
+    """WAITING trials that no start is left to run while nothing runs, seen so for ``ORPHAN_GRACE_SECONDS``
+    (not just between a retry's re-queue and its start's return): the total was reached without them.
+    Failed with that reason, so no worker waits for them for ever; the finished total stays exact."""
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) or budget.left() > 0:
+        seen.clear()
+        return
+    now = time.monotonic()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if now - seen.setdefault(trial._trial_id, now) < ORPHAN_GRACE_SECONDS:
+            continue
+        storage = study._storage
+        storage.set_trial_system_attr(trial._trial_id, "fail_reason", "not run: the planned total was reached")
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+            storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            log.warning("trial %d was waiting with no start left to run it; marked failed", trial.number)
+
+
 def _open_trials(study: optuna.Study) -> bool:
     return bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
 
@@ -142,11 +164,9 @@ class _AfterTrial:
             return
         self.failures_in_a_row += 1
         self.last_failure = trial.user_attrs.get("fail_reason") or trial.system_attrs.get("fail_reason", "unknown")
-        self.budget.give_back()
-        if "fail_reason" in trial.user_attrs:
-            return  # a deterministic fault: the same parameters would fail again
         retries = int(trial.user_attrs.get("crash_retries", 0))
-        if retries < MAX_CRASH_RETRIES:
+        # A deterministic fault ("fail_reason") would fail again with the same parameters: not re-queued.
+        if "fail_reason" not in trial.user_attrs and retries < MAX_CRASH_RETRIES:
             original = trial.user_attrs.get("retry_of", trial.number)
             study.enqueue_trial(trial.params, user_attrs={"retry_of": original, "crash_retries": retries + 1})
             log.warning(
@@ -155,6 +175,8 @@ class _AfterTrial:
                 retries + 1,
                 MAX_CRASH_RETRIES,
             )
+        # Only now the start: whoever claims it must find the re-queued trial waiting (see OnStaleTrial).
+        self.budget.give_back()
 
 
 def stagnation(study: optuna.Study, space: SearchSpace) -> str | None:
@@ -271,6 +293,7 @@ def _trials_until_done(
     device: torch.device,
 ) -> None:
     deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
+    orphans: dict[int, float] = {}  # WAITING trials with no start left: when first seen so
     while deadline is None or time.monotonic() < deadline:
         if space.study.stop is not None and _stopped(study, space):
             return
@@ -301,6 +324,7 @@ def _trials_until_done(
             with warnings.catch_warnings():  # experimental in Optuna, and what finds a dead worker's trial
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
+            _drop_orphans(study, budget, orphans)
             time.sleep(POLL_SECONDS)
         else:
             return
