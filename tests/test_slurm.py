@@ -3,8 +3,6 @@ array on one PostgreSQL study; one task's process is killed with SIGKILL in the 
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import invoke, write_space
-from tests.test_workers import _check_outcome, _space, _study, _wait_for_running
+from tests.test_workers import _check_outcome, _kill_mid_trial, _space, _study
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +40,8 @@ def test_a_slurm_array_joins_one_study_and_survives_a_killed_task(slurm_cluster,
     assert submitted.returncode == 0, submitted.stderr
     job = submitted.stdout.strip().split(";")[0]
 
-    victim = _wait_for_running("slurm", postgres_url, timeout=180)
-    os.kill(victim, signal.SIGKILL)  # the task's tuner process (the template execs it), mid-trial
+    # The task's tuner process (the template execs it); a task that dies at start fails the test at once.
+    victim = _kill_mid_trial("slurm", postgres_url, timeout=180, alive=lambda: bool(_squeue(env)))
     deadline = time.time() + 600
     while _squeue(env) and time.time() < deadline:
         time.sleep(1)

@@ -52,18 +52,29 @@ def _study(name: str, url: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=open_storage(url))
 
 
-def _wait_for_running(name: str, url: str, timeout: float = 120) -> int:
-    """The process id of a worker whose trial is running and past its first epoch (so mid-trial,
-    with its heartbeat recorded)."""
+def _kill_mid_trial(name: str, url: str, timeout: float = 120, check=lambda pid: None, alive=lambda: True) -> int:
+    """SIGKILL a worker whose trial is running and past its first epoch (so mid-trial, with its heartbeat
+    recorded), and return its process id. The worker is stopped first and its trial read again: a trial that
+    finished between the read and the signal would leave nothing for the kill to interrupt."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             running = _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            for trial in running:
-                if trial.intermediate_values:
-                    return int(trial.user_attrs["worker"].rsplit(":", 1)[1])
         except Exception:  # noqa: BLE001 - the study or its tables may not exist yet
-            pass
+            running = []
+        for trial in running:
+            if not trial.intermediate_values:
+                continue
+            pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
+            os.kill(pid, signal.SIGSTOP)
+            now = {t.number: t.state for t in _study(name, url).get_trials(deepcopy=False)}
+            if now[trial.number] == TrialState.RUNNING:
+                check(pid)
+                os.kill(pid, signal.SIGKILL)
+                return pid
+            os.kill(pid, signal.SIGCONT)
+        if not alive():
+            pytest.fail("the workers ended before a trial ran")
         time.sleep(0.3)
     pytest.fail("no trial started")
 
@@ -88,11 +99,13 @@ def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_ur
         "optimize", "--space", str(path), "--storage", postgres_url, "--workers", "3", "--heartbeat", "1", cwd=workdir
     )
     try:
-        victim = _wait_for_running("pg", postgres_url)
-        workers = _children(proc.pid)
-        workers = [pid for pid in workers if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn_main") >= 0]
-        assert len(workers) == 3 and victim in workers, (victim, workers)
-        os.kill(victim, signal.SIGKILL)
+
+        def is_one_of_three_workers(victim: int) -> None:
+            workers = _children(proc.pid)
+            workers = [pid for pid in workers if Path(f"/proc/{pid}/cmdline").read_bytes().find(b"spawn_main") >= 0]
+            assert len(workers) == 3 and victim in workers, (victim, workers)
+
+        _kill_mid_trial("pg", postgres_url, check=is_one_of_three_workers)
         output, _ = proc.communicate(timeout=600)
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
@@ -106,8 +119,7 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
     url = f"sqlite:///{workdir}/studies/lite.db"
     first = _tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
     try:
-        assert _wait_for_running("lite", url) == first.pid
-        os.kill(first.pid, signal.SIGKILL)
+        assert _kill_mid_trial("lite", url) == first.pid
         first.wait(timeout=30)
     finally:
         os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
@@ -125,9 +137,11 @@ def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
     url = f"sqlite:///{workdir}/studies/local.db"
     proc = _tuner("optimize", "--space", str(path), "--workers", "2", cwd=workdir)
     try:
-        victim = _wait_for_running("local", url)
-        assert victim in _children(proc.pid)
-        os.kill(victim, signal.SIGKILL)
+
+        def is_a_worker(victim: int) -> None:
+            assert victim in _children(proc.pid)
+
+        victim = _kill_mid_trial("local", url, check=is_a_worker)
         killed_at = datetime.now()
         output, _ = proc.communicate(timeout=600)
     finally:
