@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from tuner.build import build_classifier, model_normalization
 from tuner.data import load_dataset
 from tuner.data.augment import AugmentConfig, BatchAugment
 from tuner.data.loader import TensorSplit, iterate_batches
@@ -37,7 +38,6 @@ from tuner.engine import train_one_epoch
 from tuner.hparams import Hyperparameters
 from tuner.losses import build_loss
 from tuner.optim import build_optimizer, build_scheduler
-from tuner.training import build_classifier, model_normalization
 
 
 def write_jpegs(root: Path, n: int) -> None:

@@ -145,7 +145,7 @@ def tiny_device_data(tmp_path_factory):
     import torch
 
     from tuner.data import load_dataset
-    from tuner.training import DeviceData
+    from tuner.data.device import DeviceData
 
     ds = load_dataset(
         "synthetic",

@@ -130,6 +130,18 @@ CASES = [
         {"data": {"hard_example_column": "agreement"}},
         "hard_example_column='agreement' needs a CSV manifest",
     ),
+    (
+        "the plateau's patience under its old name",
+        [],
+        {"params": {"scheduler": "plateau", "patience": 2}},
+        "params.patience: outdated spelling: 'patience' is now 'plateau_patience'",
+    ),
+    (
+        "class weights as an imbalance strategy",
+        [],
+        {"params": {"imbalance": {"choices": ["none", "class_weight"]}}},
+        "imbalance: class_weight is no longer read; write imbalance: none with class_weights: balanced",
+    ),
     ("--set without =", ["--set", "params.lr"], {}, "expected key=value such as params.lr=0.001"),
     ("--set unknown key", ["--set", "params.learnrate=0.1"], {}, "params.learnrate: unknown hyperparameter"),
     ("malformed storage URL", ["--storage", "postgres//nohost"], {}, "storage must be an SQLAlchemy URL"),

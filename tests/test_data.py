@@ -160,7 +160,6 @@ def test_synthetic_is_deterministic_and_imbalanced():
     ("strategy", "ratio", "expected"),
     [
         ("none", 1.0, {0: 90, 1: 10}),
-        ("class_weight", 1.0, {0: 90, 1: 10}),
         ("undersample", 1.0, {0: 10, 1: 10}),
         ("undersample", 3.0, {0: 30, 1: 10}),
         ("oversample", 1.0, {0: 90, 1: 90}),

@@ -7,10 +7,12 @@ import sys
 import pytest
 import torch
 
+from tuner.build import TrainSettings, build_classifier, seed_everything
 from tuner.data import load_dataset
+from tuner.data.device import DeviceData
 from tuner.engine import NonFiniteLossError
-from tuner.hparams import IMBALANCE_STRATEGIES, OPTIMIZERS, SCHEDULERS, Hyperparameters
-from tuner.training import DeviceData, TrainSettings, build_classifier, seed_everything, train_model
+from tuner.hparams import IMBALANCES, OPTIMIZERS, SCHEDULERS, Hyperparameters
+from tuner.training import train_model
 
 
 def test_engine_does_not_import_optuna_or_the_space():
@@ -51,7 +53,7 @@ def test_every_optimizer_and_scheduler_trains(tiny_data, optimizer, scheduler):
 
 def test_gradient_accumulation_and_focal_loss_train(tiny_data):
     hp = Hyperparameters(
-        width=8, depth=2, batch_size=16, accumulate_steps=4, loss="focal", imbalance="class_weight", lr=5e-3
+        width=8, depth=2, batch_size=16, accumulate_steps=4, loss="focal", class_weights="balanced", lr=5e-3
     )
     _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
@@ -124,7 +126,8 @@ def tagged_data(csv_manifest, tmp_path):
 def test_training_pool_drops_hard_examples_adds_extra_images_and_leaves_validation_alone(tagged_data):
     import numpy as np
 
-    from tuner.training import loss_class_weights, training_pool
+    from tuner.build import loss_class_weights
+    from tuner.data.device import training_pool
 
     ds, data = tagged_data
     malignant = ds.class_names.index("malignant")
@@ -170,12 +173,12 @@ def test_per_class_multipliers_and_weights_train_by_class_name(tagged_data):
         train_model(hp.model_copy(update={"class_multipliers": {"cancer": 3.0}}), data, SETTINGS, seed=0)
 
 
-@pytest.mark.parametrize("strategy", IMBALANCE_STRATEGIES)
+@pytest.mark.parametrize("strategy", IMBALANCES)
 def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, strategy):
     import numpy as np
 
+    from tuner.build import build_components
     from tuner.data.imbalance import SYNTHESIZING, epoch_indices, target_counts
-    from tuner.training import build_components
 
     hp = Hyperparameters(width=4, depth=2, imbalance=strategy, ratio=2.0, class_multipliers={"malignant": 2.5})
     val_before = tiny_data.val.images.clone()
@@ -200,11 +203,11 @@ def _direct_fit(data: DeviceData, **overrides):
     """engine.fit called directly (no tuner builders beyond the components), on the tiny data."""
     from functools import partial
 
+    from tuner.build import build_components
     from tuner.data.loader import iterate_batches
     from tuner.engine import fit
     from tuner.losses import logits_to_probs
     from tuner.metrics import classification_metrics
-    from tuner.training import build_components
 
     hp = Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32)
     c = build_components(hp, data, SETTINGS, seed=0)
@@ -274,7 +277,7 @@ def test_fit_checks_its_arguments_like_optuna_constructors(tiny_data, overrides,
 
 
 def test_a_pretrained_backbone_can_learn_slower_than_its_head(tiny_data):
-    from tuner.training import build_components
+    from tuner.build import build_components
 
     hp = Hyperparameters(width=4, depth=2, lr=1e-2, backbone_lr_ratio=0.1, scheduler="onecycle", hidden_sizes=(8,))
     c = build_components(hp, tiny_data, SETTINGS, seed=0)

@@ -127,9 +127,11 @@ def _space_for_tests(path: Path, kinds: dict[str, Path]):
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data_kinds):
     """Each option of each categorical builds its model, training pool, loss, optimizer and schedule."""
+    from tuner.build import build_components
+    from tuner.data.device import DeviceData
+    from tuner.objective import train_settings
     from tuner.space import Choice, suggest
-    from tuner.study import prepare, train_settings
-    from tuner.training import DeviceData, build_components
+    from tuner.trial_data import prepare
 
     space = _space_for_tests(path, data_kinds)
     data = DeviceData.from_dataset(prepare(space, cache_dir=workdir / "cache"), torch.device("cpu"))

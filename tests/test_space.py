@@ -236,9 +236,8 @@ def test_every_sampler_and_pruner_name_in_the_schema_builds_and_no_other():
 
     import optuna
 
-    from tuner.samplers import PRUNERS, SAMPLERS
+    from tuner.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
     from tuner.space import PrunerSettings, SamplerSettings
-    from tuner.study import build_pruner, build_sampler
 
     union = get_args(get_args(PrunerSettings)[0])
     assert {get_args(cls.model_fields["name"].annotation)[0] for cls in union} == set(PRUNERS)
@@ -254,3 +253,48 @@ def test_every_sampler_and_pruner_name_in_the_schema_builds_and_no_other():
         assert isinstance(sampler, optuna.samplers.BaseSampler)
     with pytest.raises(ValidationError):
         SamplerSettings(name="bayes")
+
+
+def test_a_study_stored_with_older_spellings_still_replays(tmp_path):
+    """A space file with a retired spelling is refused; a study an older tuner stored with it still
+    replays (refit, evaluate) to the hyperparameters it trained with, in today's names."""
+    from optuna.distributions import CategoricalDistribution
+
+    from tuner.refit import replay_hparams, study_space
+
+    old = tiny_space(
+        params={
+            "scheduler": "plateau",
+            "patience": 2,
+            "factor": 0.5,
+            "imbalance": {"choices": ["none", "class_weight"]},
+        }
+    )
+    with pytest.raises(SpaceError) as err:
+        parse_space(old, "old.yaml")
+    assert "params.patience" in str(err.value) and "params.factor" in str(err.value)
+    assert "params.imbalance.choices.class_weight" in str(err.value)
+
+    trained = Hyperparameters(model="small_cnn", width=4, depth=2, lr=0.004, batch_size=32, scheduler="plateau")
+    then = {
+        {"plateau_patience": "patience", "plateau_factor": "factor"}.get(k, k): v
+        for k, v in trained.model_dump(mode="json").items()
+    }
+    then.update(patience=2, factor=0.5, imbalance="class_weight")
+    study = optuna.create_study(study_name="old", storage=f"sqlite:///{tmp_path}/old.db", direction="maximize")
+    study.set_user_attr("space", old)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"lr": 0.004, "imbalance": "class_weight"},
+            distributions={
+                "lr": optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True),
+                "imbalance": CategoricalDistribution(["none", "class_weight"]),
+            },
+            value=0.9,
+            user_attrs={"hparams": then, "seed": 0},
+        )
+    )
+    replayed = replay_hparams(study.best_trial, study_space(study))
+    assert (replayed.plateau_patience, replayed.plateau_factor) == (2, 0.5)
+    assert (replayed.imbalance, replayed.class_weights) == ("none", "balanced")
+    assert replayed.lr == 0.004

@@ -22,12 +22,12 @@ import timm
 import torch
 
 from tuner import __version__
+from tuner.build import build_classifier
 from tuner.data.loader import Normalize
 from tuner.errors import TunerError
 from tuner.hparams import Hyperparameters
 from tuner.inference import average_probabilities, check_tta
 from tuner.models import Classifier
-from tuner.training import build_classifier
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)

@@ -780,7 +780,7 @@ def data_inspect(
     import numpy as np
 
     from tuner.space import load_space, parse_assignments, parse_space
-    from tuner.study import prepare
+    from tuner.trial_data import prepare
 
     sets = parse_assignments(assignments or [])
     overrides = {"data.source": data}

@@ -26,6 +26,7 @@ import torch
 from optuna.trial import FrozenTrial
 
 from tuner.data import Dataset
+from tuner.data.device import DeviceData
 from tuner.engine import resolve_device
 from tuner.errors import TunerError
 from tuner.evaluation import (
@@ -40,12 +41,14 @@ from tuner.evaluation import (
     write_predictions,
 )
 from tuner.metrics import choose_threshold
+from tuner.objective import train_settings
 from tuner.refit import refit_one, replay_hparams, study_space
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import SearchSpace
 from tuner.storage import STUDIES_DIR
-from tuner.study import ranked_trials, space_at_size, train_settings
-from tuner.training import DeviceData, train_model
+from tuner.study import ranked_trials
+from tuner.training import train_model
+from tuner.trial_data import space_at_size
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ from tuner.metrics import evaluation_report
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import DataSettings, SearchSpace
 from tuner.storage import STUDIES_DIR
-from tuner.study import prepare
+from tuner.trial_data import prepare
 
 BOOTSTRAP_METRICS = ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy")
 

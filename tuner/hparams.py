@@ -24,6 +24,7 @@ PerClass = dict[str, ClassValue]  # keyed by class name, e.g. {benign: 0.5, mali
 
 # The choices come from the factories that implement them, so the two can never disagree.
 AUGMENTATIONS = tuple(AUGMENT_PRESETS)
+IMBALANCES = tuple(IMBALANCE_STRATEGIES)
 
 
 class Hyperparameters(BaseModel):
@@ -50,7 +51,7 @@ class Hyperparameters(BaseModel):
     pretrained: Union[bool, str] = False  # true: timm's cached weights; a path: a local weights file
     freeze_backbone: bool = False
     # class imbalance and loss
-    imbalance: Literal[IMBALANCE_STRATEGIES] = "none"  # type: ignore[valid-type]
+    imbalance: Literal[IMBALANCES] = "none"  # type: ignore[valid-type]
     ratio: Annotated[float, Field(ge=1.0)] = 1.0
     class_multipliers: PerClass = {}  # imbalance=multiply: times each class appears per epoch (1 if absent)
     class_weights: Union[Literal["none", "balanced"], PerClass] = "none"  # loss weights; balanced = sklearn's
@@ -76,8 +77,8 @@ class Hyperparameters(BaseModel):
     step_size: Annotated[int, Field(ge=1)] = 10
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     milestones: tuple[Annotated[int, Field(ge=1)], ...] = (10, 15)
-    patience: Annotated[int, Field(ge=0)] = 3
-    factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1
+    plateau_patience: Annotated[int, Field(ge=0)] = 3  # epochs without gain before the LR is cut
+    plateau_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1  # what the LR is multiplied by then
     warmup_epochs: Annotated[int, Field(ge=0)] = 0  # linear warm-up before an epoch schedule (0 = none)
     # augmentation, applied batched on the training device
     augment: Literal[AUGMENTATIONS] = "none"  # type: ignore[valid-type]
@@ -89,6 +90,31 @@ class Hyperparameters(BaseModel):
 
 
 HPARAM_NAMES: tuple[str, ...] = tuple(Hyperparameters.model_fields)
+
+# Spellings an older tuner read. A space file that uses one is refused with what to write instead;
+# a study stored with one still replays (refit, evaluate), through `upgrade`.
+RENAMED = {
+    "patience": ("plateau_patience", "the plateau schedule's patience; early stopping's is train.patience"),
+    "factor": ("plateau_factor", "the plateau schedule's factor"),
+}
+RETIRED_VALUES = {
+    ("imbalance", "class_weight"): "imbalance: none with class_weights: balanced (class weights belong to the loss)",
+}
+
+
+def renamed(params: dict[str, Any]) -> dict[str, Any]:
+    """Parameters under today's names (a stored trial's ``params`` may use older ones)."""
+    return {RENAMED[k][0] if k in RENAMED else k: v for k, v in params.items()}
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameter values as an older tuner may have stored them, in today's names and values."""
+    values = renamed(values)
+    if values.get("imbalance") == "class_weight":
+        values["imbalance"] = "none"
+        if values.get("class_weights", "none") == "none":
+            values["class_weights"] = "balanced"
+    return values
 CLASS_VALUE: TypeAdapter[float] = TypeAdapter(ClassValue)
 
 

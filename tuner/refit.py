@@ -25,8 +25,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.build import TrainSettings, model_normalization
 from tuner.checkpoint import save_model
 from tuner.data import Dataset
+from tuner.data.device import DeviceData, pooled
 from tuner.data.loader import Normalize, TensorSplit
 from tuner.data.splits import assign_folds
 from tuner.engine import resolve_device
@@ -43,15 +45,17 @@ from tuner.evaluation import (
     test_reads,
     write_predictions,
 )
-from tuner.hparams import Hyperparameters
+from tuner.hparams import Hyperparameters, renamed, upgrade
 from tuner.inference import TTA_VIEWS, average_probabilities
 from tuner.metrics import choose_threshold
 from tuner.models import Classifier
+from tuner.objective import Objective
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
 from tuner.space import SearchSpace, parse_space, suggest
 from tuner.storage import STUDIES_DIR
-from tuner.study import Objective, TrialData, best_trial, prepare, ranked_trials, space_at_size
-from tuner.training import DeviceData, TrainSettings, model_normalization, pooled, train_model
+from tuner.study import best_trial, ranked_trials
+from tuner.training import train_model
+from tuner.trial_data import TrialData, prepare, space_at_size
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +79,8 @@ def pick_trial(study: optuna.Study, trial_number: int | None) -> FrozenTrial:
 def replay_hparams(trial: FrozenTrial, space: SearchSpace) -> Hyperparameters:
     """The trial's hyperparameters, rebuilt from its parameters; an error if they no longer match what it
     trained with. Hyperparameters added to tuner after the trial ran must be at their defaults."""
-    hparams = suggest(optuna.trial.FixedTrial(trial.params), space)
-    replayed, stored = hparams.model_dump(mode="json"), trial.user_attrs.get("hparams") or {}
+    hparams = suggest(optuna.trial.FixedTrial(renamed(trial.params)), space)
+    replayed, stored = hparams.model_dump(mode="json"), upgrade(trial.user_attrs.get("hparams") or {})
     defaults = Hyperparameters().model_dump(mode="json")
     if any(stored.get(key, defaults[key]) != value for key, value in replayed.items()):
         changed = sorted(k for k, v in replayed.items() if stored.get(k, defaults[k]) != v)
@@ -91,7 +95,7 @@ def study_space(study: optuna.Study, data_override: str | None = None) -> Search
     stored = study.user_attrs.get("space")
     if stored is None:
         raise TunerError(f"study {study.study_name!r} was not created by tuner (no stored space)")
-    return parse_space(stored, f"study {study.study_name}", {"data.source": data_override})
+    return parse_space(stored, f"study {study.study_name}", {"data.source": data_override}, stored=True)
 
 
 RESCORE_STRIDE = 7919
@@ -122,7 +126,7 @@ def rescore(
             try:
                 values.append(
                     objective.run(
-                        optuna.trial.FixedTrial(trial.params),
+                        optuna.trial.FixedTrial(renamed(trial.params)),
                         hparams,
                         seed=int(trial.user_attrs["seed"]) + RESCORE_STRIDE * (j + 1),
                     )

@@ -79,3 +79,13 @@ PRUNERS: dict[str, Callable[..., Any]] = {
     "wilcoxon": _wilcoxon,
     "none": _optuna_pruner("NopPruner"),
 }
+
+
+def build_sampler(settings: Any) -> Any:
+    """The sampler a space's ``study.sampler`` names, with its seed and start-up trials."""
+    return SAMPLERS[settings.name](settings.seed, settings.n_startup_trials)
+
+
+def build_pruner(settings: Any, max_epochs: int) -> Any:
+    """The pruner a space's ``study.pruner`` names, with its options."""
+    return PRUNERS[settings.name](max_epochs, **settings.model_dump(exclude={"name"}))

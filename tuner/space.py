@@ -364,7 +364,7 @@ def suggest(trial: Any, space: SearchSpace) -> hp.Hyperparameters:
     values: dict[str, Any] = {}
     for spec in space.specs:
         spec.suggest(trial, values)
-    return hp.Hyperparameters(**values)
+    return hp.Hyperparameters(**hp.upgrade(values))
 
 
 # ---------------------------------------------------------------- parsing
@@ -375,7 +375,14 @@ def _closest(name: str, valid: tuple[str, ...]) -> str:
     return f"did you mean '{match[0]}'? " if match else ""
 
 
+# Problems of a spelling an older tuner read: refused in a space file, overlooked in a stored study's space.
+OUTDATED = "outdated spelling: "
+
+
 def _check_value(name: str, value: Any, path: str, problems: list[tuple[str, str]]) -> Any:
+    if isinstance(value, str) and (name, value) in hp.RETIRED_VALUES:
+        problems.append((path, f"{OUTDATED}{name}: {value} is no longer read; write {hp.RETIRED_VALUES[name, value]}"))
+        return value
     try:
         checked = hp.field_adapter(name).validate_python(value)
     except ValidationError as err:
@@ -394,6 +401,10 @@ def _parse_params(raw: Mapping[str, Any], path: str, problems: list[tuple[str, s
     specs = []
     for name, value in raw.items():
         key = f"{path}.{name}"
+        if name in hp.RENAMED:
+            new, meaning = hp.RENAMED[name]
+            problems.append((key, f"{OUTDATED}{name!r} is now {new!r} ({meaning}); write {new}"))
+            name = new
         if name not in hp.HPARAM_NAMES:
             problems.append(
                 (
@@ -666,10 +677,12 @@ def parse_space(
     assignments: Mapping[str, Any] | None = None,
     *,
     require_source: bool = False,
+    stored: bool = False,
 ) -> SearchSpace:
     """Validate a space given as a dict. ``overrides`` maps dotted keys to values (CLI flags; ``None`` =
     not given); ``assignments`` too, but there ``None`` (``--set key=null``) removes the key.
-    ``require_source``: ``data.source`` must be given (a user's file), not left to its default."""
+    ``require_source``: ``data.source`` must be given (a user's file), not left to its default.
+    ``stored``: a study's own space, which may use spellings of the tuner that created it."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -688,6 +701,8 @@ def parse_space(
         raise SpaceError(source, _with_valid_keys(_format_pydantic(err))) from None
     problems: list[tuple[str, str]] = []
     specs = _parse_params(space.params, "params", problems)
+    if stored:
+        problems = [(key, problem) for key, problem in problems if not problem.startswith(OUTDATED)]
     if not problems:
         _check_names(specs, problems)
     if not problems:

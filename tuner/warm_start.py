@@ -16,6 +16,7 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from tuner.errors import TunerError
+from tuner.hparams import renamed
 from tuner.space import SearchSpace, suggest
 from tuner.study import ranked_trials
 
@@ -69,7 +70,7 @@ def warm_start(study: optuna.Study, space: SearchSpace, donor: optuna.Study, *, 
     new: set[str] = set()
     enqueued = 0
     for trial in best:
-        replay = _Replay(trial.params)
+        replay = _Replay(renamed(trial.params))
         try:
             suggest(replay, space)
         except _OutsideTheSpace as err:
@@ -78,7 +79,7 @@ def warm_start(study: optuna.Study, space: SearchSpace, donor: optuna.Study, *, 
         except (ValueError, TypeError) as err:  # the donor's combination fails this space's own checks
             said.append(f"trial {trial.number} of {donor.study_name} skipped: {err}")
             continue
-        dropped |= set(trial.params) - set(replay.params)
+        dropped |= set(renamed(trial.params)) - set(replay.params)
         new |= set(replay.new)
         study.enqueue_trial(
             replay.params,

@@ -39,20 +39,13 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.data import Dataset
 from tuner.engine import resolve_device
 from tuner.errors import StorageError, TunerError
+from tuner.objective import EpochProgress, Objective
 from tuner.resources import gpu_slots, see_only_gpu, threads_per_worker, use_threads, worker_name
+from tuner.samplers import build_pruner, build_sampler
 from tuner.space import SearchSpace
 from tuner.storage import STUDIES_DIR, OnStaleTrial, open_storage, parse_storage_url, redact
-from tuner.study import (
-    FINISHED,
-    EpochProgress,
-    Objective,
-    TrialData,
-    build_pruner,
-    build_sampler,
-    feasible,
-    open_study,
-    prepare,
-)
+from tuner.study import FINISHED, feasible, open_study
+from tuner.trial_data import TrialData, prepare
 from tuner.warm_start import warm_start
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,8 @@ join the training split of that trial only, never validation or test.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -23,44 +25,92 @@ from tuner.errors import TunerError
 # imbalanced-learn and scikit-learn are imported where they are used: importing them costs every
 # worker a second, and most trials draw their epochs without them.
 
-IMBALANCE_STRATEGIES = (
-    "none",
-    "oversample",
-    "undersample",
-    "class_weight",
-    "weighted_sampler",
-    "multiply",
-    "smote",
-    "adasyn",
-)
-SYNTHESIZING = ("smote", "adasyn")  # strategies that make new images rather than draw indices
+Counts = dict[int, int]
 
 
-def target_counts(
-    labels: np.ndarray, strategy: str, ratio: float, multipliers: dict[int, float] | None = None
-) -> dict[int, int]:
-    """How many items of each class one epoch holds under ``strategy``."""
-    classes, counts = np.unique(labels, return_counts=True)
-    if strategy == "undersample":
-        cap = math.ceil(ratio * counts.min())
-        return {int(c): int(min(n, cap)) for c, n in zip(classes, counts, strict=True)}
-    if strategy in ("oversample", *SYNTHESIZING):
-        floor = math.ceil(counts.max() / ratio)
-        return {int(c): int(max(n, floor)) for c, n in zip(classes, counts, strict=True)}
-    if strategy == "multiply":
-        multipliers = multipliers or {}
-        return {int(c): int(round(n * multipliers.get(int(c), 1.0))) for c, n in zip(classes, counts, strict=True)}
+def _as_they_are(classes: np.ndarray, counts: np.ndarray, ratio: float, multipliers: dict[int, float]) -> Counts:
     return {int(c): int(n) for c, n in zip(classes, counts, strict=True)}
 
 
-def _multiplied(labels: np.ndarray, multipliers: dict[int, float], rng: np.random.Generator) -> np.ndarray:
+def _capped(classes: np.ndarray, counts: np.ndarray, ratio: float, multipliers: dict[int, float]) -> Counts:
+    cap = math.ceil(ratio * counts.min())  # no class more than ratio times the smallest
+    return {int(c): int(min(n, cap)) for c, n in zip(classes, counts, strict=True)}
+
+
+def _floored(classes: np.ndarray, counts: np.ndarray, ratio: float, multipliers: dict[int, float]) -> Counts:
+    floor = math.ceil(counts.max() / ratio)  # no class fewer than the largest over ratio
+    return {int(c): int(max(n, floor)) for c, n in zip(classes, counts, strict=True)}
+
+
+def _times(classes: np.ndarray, counts: np.ndarray, ratio: float, multipliers: dict[int, float]) -> Counts:
+    return {int(c): int(round(n * multipliers.get(int(c), 1.0))) for c, n in zip(classes, counts, strict=True)}
+
+
+def _in_order(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+    return np.arange(len(labels))
+
+
+def _undersampled(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+    from imblearn.under_sampling import RandomUnderSampler
+
+    sampler = RandomUnderSampler(sampling_strategy=wanted, random_state=seed)
+    return sampler.fit_resample(np.arange(len(labels)).reshape(-1, 1), labels)[0][:, 0]
+
+
+def _oversampled(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+    from imblearn.over_sampling import RandomOverSampler
+
+    sampler = RandomOverSampler(sampling_strategy=wanted, random_state=seed)
+    return sampler.fit_resample(np.arange(len(labels)).reshape(-1, 1), labels)[0][:, 0]
+
+
+def _multiplied(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
     """Each class's indices repeated ``int(m)`` times plus a fresh random share for the fraction of ``m``."""
+    rng = np.random.default_rng(seed)
     out = []
-    for cls, count in target_counts(labels, "multiply", 1.0, multipliers).items():
+    for cls, count in wanted.items():
         members = np.flatnonzero(labels == cls)
         whole, extra = divmod(count, len(members))
         out += [np.tile(members, whole), rng.choice(members, size=extra, replace=False)]
     return np.concatenate(out)
+
+
+def _weighted(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+    # Draw with replacement, each class equally likely: torch's WeightedRandomSampler semantics.
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    weights = 1.0 / counts[inverse]
+    return np.random.default_rng(seed).choice(len(labels), size=len(labels), p=weights / weights.sum())
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How many images of each class one epoch holds, how an epoch's indices are drawn, and whether
+    new minority images are made once per trial first (then each epoch takes the pool as it is)."""
+
+    counts: Callable[[np.ndarray, np.ndarray, float, dict[int, float]], Counts]
+    draw: Callable[[np.ndarray, Counts, int, dict[int, float]], np.ndarray]
+    synthesizes: bool = False
+
+
+# The registry ``params.imbalance`` names: the schema's allowed values come from its keys.
+IMBALANCE_STRATEGIES: dict[str, Strategy] = {
+    "none": Strategy(_as_they_are, _in_order),
+    "oversample": Strategy(_floored, _oversampled),
+    "undersample": Strategy(_capped, _undersampled),
+    "weighted_sampler": Strategy(_as_they_are, _weighted),
+    "multiply": Strategy(_times, _multiplied),
+    "smote": Strategy(_floored, _in_order, synthesizes=True),
+    "adasyn": Strategy(_floored, _in_order, synthesizes=True),
+}
+SYNTHESIZING = tuple(name for name, s in IMBALANCE_STRATEGIES.items() if s.synthesizes)
+
+
+def target_counts(
+    labels: np.ndarray, strategy: str, ratio: float, multipliers: dict[int, float] | None = None
+) -> Counts:
+    """How many items of each class one epoch holds under ``strategy``."""
+    classes, counts = np.unique(labels, return_counts=True)
+    return IMBALANCE_STRATEGIES[strategy].counts(classes, counts, ratio, multipliers or {})
 
 
 def epoch_indices(
@@ -71,26 +121,10 @@ def epoch_indices(
     seed: int = 0,
     multipliers: dict[int, float] | None = None,
 ) -> np.ndarray:
-    """Indices into the training split for one epoch (unshuffled for 'none' and 'class_weight')."""
-    from imblearn.over_sampling import RandomOverSampler
-    from imblearn.under_sampling import RandomUnderSampler
-
-    index = np.arange(len(labels)).reshape(-1, 1)
-    if strategy == "undersample":
-        sampler = RandomUnderSampler(sampling_strategy=target_counts(labels, strategy, ratio), random_state=seed)
-    elif strategy == "oversample":
-        sampler = RandomOverSampler(sampling_strategy=target_counts(labels, strategy, ratio), random_state=seed)
-    elif strategy == "multiply":
-        return _multiplied(labels, multipliers or {}, np.random.default_rng(seed))
-    elif strategy == "weighted_sampler":
-        # Draw with replacement, each class equally likely: torch's WeightedRandomSampler semantics.
-        _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
-        weights = 1.0 / counts[inverse]
-        return np.random.default_rng(seed).choice(len(labels), size=len(labels), p=weights / weights.sum())
-    else:
-        return index[:, 0]
-    resampled, _ = sampler.fit_resample(index, labels)
-    return resampled[:, 0]
+    """Indices into the training split for one epoch (unshuffled for 'none')."""
+    multipliers = multipliers or {}
+    wanted = target_counts(labels, strategy, ratio, multipliers)
+    return IMBALANCE_STRATEGIES[strategy].draw(labels, wanted, seed, multipliers)
 
 
 def synthesize(
