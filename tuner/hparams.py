@@ -115,6 +115,8 @@ def upgrade(values: dict[str, Any]) -> dict[str, Any]:
         if values.get("class_weights", "none") == "none":
             values["class_weights"] = "balanced"
     return values
+
+
 CLASS_VALUE: TypeAdapter[float] = TypeAdapter(ClassValue)
 
 
