@@ -112,12 +112,15 @@ def invoke(*args: str):
 
 @pytest.fixture
 def lesion_npz(tmp_path: Path) -> Path:
+    return write_lesion_npz(tmp_path / "lesions.npz")
+
+
+def write_lesion_npz(path: Path) -> Path:
     """The built-in synthetic lesions as a MedMNIST-style archive with its own train/val/test splits."""
     from tuner.data.synthetic import make_synthetic
 
     images, labels = make_synthetic(360, image_size=16, minority_fraction=0.25, seed=5)
     images = images.transpose(0, 2, 3, 1)  # N×H×W×C, as MedMNIST stores colour images
-    path = tmp_path / "lesions.npz"
     np.savez(
         path,
         train_images=images[:220],

@@ -81,3 +81,22 @@ def test_multiclass_report_puts_the_focus_class_first():
     assert report["focus_class"] == "cancer" and report["focus_recall"] == pytest.approx(2 / 3)
     assert report["per_class"]["benign"]["recall"] == 1.0 and report["confusion_matrix"][2] == [1, 0, 2]
     assert report["recall"] == pytest.approx((0.5 + 1 + 2 / 3) / 3)  # macro
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_every_metric_a_space_can_name_is_computed_and_nothing_else(classes):
+    """The metric names live in one place: the schema's allowed values are derived from it, and the
+    metrics computed each epoch are exactly those names (so no study.metric can be a KeyError)."""
+    from pydantic import ValidationError
+
+    from tuner.metric_names import FOCUS_NAMES, METRIC_NAMES, VALIDATION_METRICS
+    from tuner.space import StudySettings
+
+    probs = torch.softmax(torch.randn(30, classes, generator=torch.Generator().manual_seed(0)), 1)
+    computed = classification_metrics(probs, torch.arange(30) % classes, positive_index=classes - 1)
+    assert set(computed) == {*METRIC_NAMES, *FOCUS_NAMES}
+    assert set(VALIDATION_METRICS) == {f"val_{name}" for name in (*computed, "loss")}
+    for name in VALIDATION_METRICS:
+        assert StudySettings(metric=name).metric == name
+    with pytest.raises(ValidationError, match="val_auroc"):
+        StudySettings(metric="val_mcc")

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import invoke, tiny_space, write_space
+from tests.conftest import invoke, tiny_space, write_lesion_npz, write_space
 from tuner.checkpoint import load_model
 from tuner.data import load_dataset
 from tuner.metrics import choose_threshold
@@ -25,10 +27,25 @@ def _space(npz: Path, **study) -> dict:
     )
 
 
-@pytest.fixture
-def optimized(workdir, lesion_npz) -> optuna.Study:
-    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", _space(lesion_npz)))
+@pytest.fixture(scope="module")
+def optimized_once(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small study for the whole module, made as a user would; each test gets its own copy of it."""
+    root = tmp_path_factory.mktemp("optimized")
+    space = write_space(root / "s.yaml", _space(write_lesion_npz(root / "lesions.npz")))
+    here = os.getcwd()
+    os.chdir(root)  # studies/ lands here
+    try:
+        result = invoke("optimize", "--space", space)
+    finally:
+        os.chdir(here)
     assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def optimized(optimized_once: Path, workdir: Path) -> optuna.Study:
+    """The module's study, copied into this test's folder: refits and test-set reads stay the test's own."""
+    shutil.copytree(optimized_once / "studies", workdir / "studies")
     return load_existing_study("tiny", None)
 
 

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from tuner import __version__
 from tuner.errors import SpaceError, TunerError
+from tuner.metric_names import REPORT_ORDER, TABLE_METRICS
 
 app = typer.Typer(
     name="tuner",
@@ -599,7 +600,7 @@ def ensemble(
             on_member=lambda done, total: progress.update(task, completed=done, total=total),
         )
     table = Table(title="test split (members at their own thresholds, the ensemble at one chosen on validation)")
-    names = [m for m in ("auroc", "auprc", "f1", "recall", "specificity", "focus_recall") if m in report["summary"]]
+    names = [m for m in TABLE_METRICS if m in report["summary"]]
     for column in ("model", "val", *names):
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in [*report["members"], report["ensemble"]]:
@@ -628,8 +629,7 @@ def _print_test_summary(report: dict, headline: str) -> None:
         table.add_column(col, justify="left" if col == "metric" else "right")
     if report["summary"].get("focus_recall"):
         out.print(f"focus class {report.get('positive_class')}: its recall and precision come first")
-    names = ("focus_recall", "focus_precision", "auroc", "auprc", "recall", "specificity", "precision", "f1")
-    for name in (*names, "balanced_accuracy", "accuracy", "mcc"):
+    for name in REPORT_ORDER:
         m = report["summary"].get(name)
         if not m:
             continue

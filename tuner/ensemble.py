@@ -40,6 +40,7 @@ from tuner.evaluation import (
     test_reads,
     write_predictions,
 )
+from tuner.metric_names import TABLE_METRICS
 from tuner.metrics import choose_threshold
 from tuner.objective import train_settings
 from tuner.refit import refit_one, replay_hparams, study_space
@@ -264,9 +265,6 @@ def ensemble(
     write_report(out_dir, report, title=f"Ensemble of {', '.join(m.name for m in members)}")
     _append_member_table(out_dir / "report.md", [*rows, ensemble_row])
     return report
-
-
-TABLE_METRICS = ("auroc", "auprc", "f1", "recall", "specificity", "balanced_accuracy", "focus_recall")
 
 
 def _append_member_table(path: Path, rows: list[dict]) -> None:

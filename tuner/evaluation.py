@@ -23,13 +23,14 @@ from tuner.data.dataset import load_labelled_images
 from tuner.data.loader import Normalize, TensorSplit
 from tuner.errors import TunerError
 from tuner.inference import average_probabilities
+from tuner.metric_names import METRIC_NAMES, REPORT_ORDER
 from tuner.metrics import evaluation_report
 from tuner.report import plot_confusion, plot_roc_pr, write_report
 from tuner.space import DataSettings, SearchSpace
 from tuner.storage import STUDIES_DIR
 from tuner.trial_data import prepare
 
-BOOTSTRAP_METRICS = ("auroc", "auprc", "recall", "specificity", "precision", "f1", "balanced_accuracy", "accuracy")
+BOOTSTRAP_METRICS = METRIC_NAMES  # each with a CI over resampled test items
 
 
 def test_reads(study: optuna.Study) -> list[dict]:
@@ -93,7 +94,7 @@ def bootstrap_ci(
 
 def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float | None]]:
     summary = {}
-    for name in ("focus_recall", "focus_precision", *BOOTSTRAP_METRICS, "mcc"):
+    for name in REPORT_ORDER:
         if name not in per_seed[0]:
             continue
         vals = [m[name] for m in per_seed]

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torchmetrics.functional import classification as tmf
 
-METRIC_NAMES = ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc")
+from tuner.metric_names import FOCUS_NAMES
 
 
 def _binary(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
@@ -46,9 +46,6 @@ def _multiclass(probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Te
     }
 
 
-FOCUS_METRICS = ("recall", "precision", "f1")
-
-
 def _focus(probs: torch.Tensor, target: torch.Tensor, index: int) -> dict[str, torch.Tensor]:
     """One class's recall, precision and F1 under arg-max decisions: e.g. 'cancer' of normal/benign/cancer."""
     k = probs.shape[1]
@@ -63,7 +60,7 @@ def _focus(probs: torch.Tensor, target: torch.Tensor, index: int) -> dict[str, t
 def classification_metrics(
     probs: torch.Tensor, target: torch.Tensor, *, positive_index: int | None = None, threshold: float = 0.5
 ) -> dict[str, float]:
-    """All of :data:`METRIC_NAMES` for ``probs`` (N×K, rows sum to 1) and integer ``target`` (N).
+    """All of :data:`tuner.metric_names.METRIC_NAMES` for ``probs`` (N×K, rows sum to 1) and integer ``target`` (N).
 
     With two classes, ``positive_index`` names the class of interest (e.g. malignant):
     recall is its sensitivity, AUROC ranks by its probability. With more, the macro averages are
@@ -74,7 +71,7 @@ def classification_metrics(
     if probs.shape[1] == 2:
         pos = 1 if positive_index is None else positive_index
         values = _binary(probs[:, pos], (target == pos).long(), threshold)
-        focus = {f"focus_{m}": values[m] for m in FOCUS_METRICS}
+        focus = {name: values[name.removeprefix("focus_")] for name in FOCUS_NAMES}
     else:
         values = _multiclass(probs, target)
         focus = _focus(probs, target, positive_index) if positive_index is not None else {}
@@ -135,8 +132,8 @@ def evaluation_report(
     binary = k == 2 and positive_index is not None
     out: dict[str, Any] = classification_metrics(probs, target, positive_index=positive_index, threshold=threshold)
     if k == 2:  # the focus class's metrics are recall / precision / f1 themselves
-        for name in FOCUS_METRICS:
-            out.pop(f"focus_{name}", None)
+        for name in FOCUS_NAMES:
+            out.pop(name, None)
     if binary:
         assert positive_index is not None
         score = probs[:, positive_index]

@@ -16,6 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics.functional import classification as tmf
 
+from tuner.metric_names import REPORT_ORDER
+
 
 def _save(fig: Figure, path: Path) -> Path:
     fig.tight_layout()
@@ -98,21 +100,6 @@ def per_class_csv(per_class: Mapping[str, Mapping[str, float]], path: Path) -> P
     return path
 
 
-HEADLINE = (
-    "focus_recall",
-    "focus_precision",
-    "auroc",
-    "auprc",
-    "recall",
-    "specificity",
-    "precision",
-    "f1",
-    "balanced_accuracy",
-    "accuracy",
-    "mcc",
-)
-
-
 def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -128,7 +115,7 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
     summary = report.get("summary")
     if summary:
         lines += ["", "| metric | mean | sd | 95% CI |", "|---|---|---|---|"]
-        for name in HEADLINE:
+        for name in REPORT_ORDER:
             if name in summary:
                 s = summary[name]
                 ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s.get("ci_low") is not None else ""
@@ -142,7 +129,7 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
             "",
         ]
         lines += ["| metric | value | 95% CI |", "|---|---|---|"]
-        for name in HEADLINE:
+        for name in REPORT_ORDER:
             if name in final:
                 s = final[name]
                 ci = f"[{s['ci_low']:.4f}, {s['ci_high']:.4f}]" if s.get("ci_low") is not None else ""

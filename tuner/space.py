@@ -34,24 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from tuner import hparams as hp
 from tuner.data.sources import CsvColumns
 from tuner.errors import SpaceError, TunerError
+from tuner.metric_names import VALIDATION_METRICS
 from tuner.models import check_model_name, resolve_pretrained
 from tuner.samplers import PRUNERS, SAMPLERS
 
-METRICS = (
-    "val_auroc",
-    "val_auprc",
-    "val_f1",
-    "val_balanced_accuracy",
-    "val_recall",
-    "val_precision",
-    "val_specificity",
-    "val_accuracy",
-    "val_loss",
-    # the positive_class's own recall / precision / F1 (with more than two classes: the focus class)
-    "val_focus_recall",
-    "val_focus_precision",
-    "val_focus_f1",
-)
+METRICS = VALIDATION_METRICS  # study.metric, train.checkpoint_metric and study.constraints name these
 
 
 class _Frozen(BaseModel):
