@@ -64,12 +64,20 @@ def test_one_logit_bce_probabilities_put_the_positive_class_where_it_belongs():
     assert loss(torch.tensor([[5.0]]), torch.tensor([0])) < loss(torch.tensor([[5.0]]), torch.tensor([1]))
 
 
-def test_class_weights_change_the_loss():
-    logits, target = torch.randn(8, 2), torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+def test_class_weights_weigh_each_item_by_its_class():
+    """Weighted CE and focal are the per-item losses weighted by their class's weight, over the sum of
+    the weights (PyTorch's weighted mean); focal is CE scaled by (1 - p_true)^gamma."""
+    logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1])
+    weights = torch.tensor([0.5, 3.0])
+    per_item = -torch.log_softmax(logits, 1)[torch.arange(8), target]
+    w = weights[target]
+    weighted = build_loss("ce", num_classes=2, class_weights=weights)(logits, target)
+    torch.testing.assert_close(weighted, (w * per_item).sum() / w.sum())
+    focal = build_loss("focal", num_classes=2, class_weights=weights, focal_gamma=2.0)(logits, target)
+    torch.testing.assert_close(focal, (w * (1 - torch.exp(-per_item)) ** 2 * per_item).sum() / w.sum())
     plain = build_loss("ce", num_classes=2)(logits, target)
-    weighted = build_loss("ce", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
-    focal = build_loss("focal", num_classes=2, class_weights=torch.tensor([0.5, 3.0]))(logits, target)
-    assert plain != weighted and torch.isfinite(focal)
+    torch.testing.assert_close(plain, per_item.mean())
 
 
 def test_multiclass_report_puts_the_focus_class_first():

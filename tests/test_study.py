@@ -146,11 +146,23 @@ def test_trials_and_best_commands(workdir):
     space = write_space(workdir / "s.yaml", tiny_space())
     assert invoke("optimize", "--space", space).exit_code == 0
     table = invoke("trials", "--study", "tiny")
-    assert table.exit_code == 0 and "COMPLETE" in table.stdout and "lr" in table.stdout
+    assert table.exit_code == 0, table.output
+    study = load("tiny", workdir)
+    rows = [[cell.strip() for cell in line.split("│")[1:-1]] for line in table.stdout.splitlines()]
+    rows = [r for r in rows if r and r[0].isdigit()]
+    header = next(line for line in table.stdout.splitlines() if "state" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]][:5] == ["#", "state", "val_auroc", "best epoch", "lr"]
+    by_number = {t.number: t for t in study.trials}
+    assert sorted(int(r[0]) for r in rows) == sorted(by_number), "one row per trial"
+    assert [int(r[0]) for r in rows][0] == study.best_trial.number, "best first"
+    for number, state, value, epoch, lr, *_ in rows:
+        trial = by_number[int(number)]
+        assert state == trial.state.name and float(value) == pytest.approx(trial.value, abs=5e-5)
+        assert int(epoch) == trial.user_attrs["best_epoch"]
+        assert float(lr) == pytest.approx(trial.params["lr"], rel=1e-3)
     best = invoke("best", "--study", "tiny", "--json")
     assert best.exit_code == 0, best.output
     data = json.loads(best.stdout)
-    study = load("tiny", workdir)
     assert data["number"] == study.best_trial.number and data["value"] == study.best_value
     assert data["params"] == study.best_trial.params and data["best_epoch"] in (1, 2)
     missing = invoke("best", "--study", "nope")
