@@ -193,8 +193,11 @@ def test_workers_must_match_the_gpu_slots(workdir):
 def test_a_local_study_moves_to_postgres_with_one_command(postgres_url, workdir):
     path = write_space(workdir / "s.yaml", tiny_space(study={"name": "moving", "n_trials": 2, "artifacts": False}))
     assert invoke("optimize", "--space", path).exit_code == 0
-    result = invoke("copy", "--study", "moving", "--to", postgres_url)
-    assert result.exit_code == 0, result.output
+    copy = _tuner("copy", "--study", "moving", "--to", postgres_url, cwd=workdir)
+    output, _ = copy.communicate(timeout=120)
+    assert copy.returncode == 0, output
+    assert output.startswith("copied study moving (2 trials) to postgresql://"), output  # and nothing else
+    assert len(output.strip().splitlines()) <= 2, output  # one sentence, wrapped at most once
     local, moved = _study("moving", f"sqlite:///{workdir}/studies/moving.db"), _study("moving", postgres_url)
 
     def content(study: optuna.Study) -> list:

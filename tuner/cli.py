@@ -437,8 +437,11 @@ def copy(
     storage: StorageOpt = None,
 ) -> None:
     """Copy a study to another storage (e.g. the local SQLite file to PostgreSQL), trials and history included."""
+    import optuna
+
     from tuner.storage import copy_study, redact
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" line says less than ours
     copied = copy_study(study, storage, to)
     out.print(
         f"copied study {study} ({len(copied.trials)} trials) to {redact(to)}; continue it with "
