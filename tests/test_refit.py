@@ -183,6 +183,9 @@ def test_saved_model_evaluates_and_predicts_identically_after_reload(optimized, 
         refit_report["per_seed"][0]["auroc"], abs=1e-6
     )
     assert ev["metrics"]["confusion_matrix"] == refit_report["per_seed"][0]["confusion_matrix"]
+    auroc_row = next(line for line in evaluated.stdout.splitlines() if line.startswith("│ auroc"))
+    assert [c.strip() for c in auroc_row.split("│")[1:-1]][1] == f"{ev['metrics']['auroc']:.4f}"
+    assert "value" in evaluated.stdout and " sd " not in evaluated.stdout, "one model: a value, not a spread"
 
     from PIL import Image
 

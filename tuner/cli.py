@@ -622,8 +622,13 @@ def _print_test_summary(report: dict, headline: str) -> None:
         out.print(f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} ({rule})")
     final, single = report.get("final_summary"), report.get("single_network")
     seeds = len(report.get("seeds") or [None])
+    if final is not None and report["final"]["networks"] == 1:  # the final model is the one network
+        final = single = None
     table = Table(title=f"test set, n={report['n_test']}")
-    columns = ["metric", "mean", "sd", "95% CI"] if final is None else ["metric", f"per seed ({seeds})", "95% CI"]
+    if final is not None:
+        columns = ["metric", f"per seed ({seeds})", "95% CI"]
+    else:  # one model (evaluate) has a value, not a spread
+        columns = ["metric", "mean", "sd", "95% CI"] if seeds > 1 else ["metric", "value", "95% CI"]
     if final is not None:
         columns += [f"final ({report['final']['networks']} networks)", "95% CI "]
     if single is not None:
@@ -637,7 +642,7 @@ def _print_test_summary(report: dict, headline: str) -> None:
         if not m:
             continue
         if final is None:
-            table.add_row(name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", _ci(m))
+            table.add_row(name, f"{m['mean']:.4f}", *([f"{m['sd']:.4f}"] if seeds > 1 else []), _ci(m))
             continue
         row = [name, f"{m['mean']:.4f} ± {m['sd']:.4f}", _ci(m), f"{final[name]['mean']:.4f}", _ci(final[name])]
         if single is not None:
