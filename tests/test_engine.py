@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,41 @@ def test_engine_does_not_import_optuna_or_the_space():
     code = "import sys, tuner.engine, tuner.training; print('optuna' in sys.modules, 'tuner.space' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def _tuner_imports(path: Path) -> set[str]:
+    """The tuner modules a file imports at run time (imports under ``if TYPE_CHECKING:`` are for types)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(node)
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+        for node in ast.walk(block)
+    }
+    names = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name == "tuner" or name.startswith("tuner.")}
+
+
+def test_imports_run_one_way_data_and_engine_at_the_bottom():
+    """data/ knows only itself and the errors; the loop knows only the LR schedules; nothing below the
+    objective imports it, the study, the workers or the CLI."""
+    package = Path(__file__).parents[1] / "tuner"
+    for path in (package / "data").glob("*.py"):
+        outside = {m for m in _tuner_imports(path) if not m.startswith("tuner.data")} - {"tuner.errors"}
+        assert not outside, f"{path.name} imports {outside}"
+    assert _tuner_imports(package / "engine.py") == {"tuner.optim"}
+    top = {"tuner.objective", "tuner.study", "tuner.workers", "tuner.cli", "tuner.refit", "tuner.ensemble"}
+    for name in ("build", "training", "hparams", "space", "models", "losses", "optim", "metrics", "features"):
+        assert not _tuner_imports(package / f"{name}.py") & top, name
 
 
 @pytest.fixture(scope="module")
