@@ -264,6 +264,18 @@ def test_fold_ensemble_with_tta_is_saved_and_reproduced_by_evaluate(optimized, w
         assert float(row["p_malignant"]) == pytest.approx(expected_row[1], abs=1e-5)
 
 
+def test_one_seed_of_folds_is_shown_as_the_final_model_beside_one_network(optimized, workdir):
+    result = invoke("refit", "--study", "tiny", "--folds", "2", "--bootstrap", "20")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "metric" in line)
+    assert [c.strip() for c in header.split("┃")[1:-1]] == ["metric", "final (2 networks)", "95% CI", "one network"]
+    report = json.loads((workdir / "studies" / "tiny" / "refit" / "report.json").read_text())
+    auroc = next(line for line in result.stdout.splitlines() if line.startswith("│ auroc"))
+    cells = [c.strip() for c in auroc.split("│")[1:-1]]
+    assert cells[1] == f"{report['final_summary']['auroc']['mean']:.4f}" == f"{report['summary']['auroc']['mean']:.4f}"
+    assert cells[3] == f"{report['single_network']['auroc']['mean']:.4f}"
+
+
 def test_refit_rejects_bad_folds_and_tta(optimized):
     for args, message in (
         (("--folds", "1"), "folds must be between 2 and 20, but got folds=1"),

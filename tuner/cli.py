@@ -622,15 +622,18 @@ def _print_test_summary(report: dict, headline: str) -> None:
         out.print(f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} ({rule})")
     final, single = report.get("final_summary"), report.get("single_network")
     seeds = len(report.get("seeds") or [None])
-    if final is not None and report["final"]["networks"] == 1:  # the final model is the one network
-        final = single = None
+    networks = report["final"]["networks"] if final is not None else 1
+    if seeds == 1:  # one seed's networks are the final model: a per-seed column would repeat it
+        final = None
+    if networks == 1:  # and one network is the whole model
+        single = None
     table = Table(title=f"test set, n={report['n_test']}")
-    if final is not None:
-        columns = ["metric", f"per seed ({seeds})", "95% CI"]
-    else:  # one model (evaluate) has a value, not a spread
-        columns = ["metric", "mean", "sd", "95% CI"] if seeds > 1 else ["metric", "value", "95% CI"]
-    if final is not None:
-        columns += [f"final ({report['final']['networks']} networks)", "95% CI "]
+    if seeds == 1:  # one model has a value, not a spread
+        columns = ["metric", f"final ({networks} networks)" if networks > 1 else "value", "95% CI"]
+    elif final is None:
+        columns = ["metric", "mean", "sd", "95% CI"]
+    else:
+        columns = ["metric", f"per seed ({seeds})", "95% CI", f"final ({networks} networks)", "95% CI "]
     if single is not None:
         columns.append("one network")
     for col in columns:
@@ -641,15 +644,18 @@ def _print_test_summary(report: dict, headline: str) -> None:
         m = report["summary"].get(name)
         if not m:
             continue
-        if final is None:
-            table.add_row(name, f"{m['mean']:.4f}", *([f"{m['sd']:.4f}"] if seeds > 1 else []), _ci(m))
-            continue
-        row = [name, f"{m['mean']:.4f} ± {m['sd']:.4f}", _ci(m), f"{final[name]['mean']:.4f}", _ci(final[name])]
+        if seeds == 1:
+            row = [name, f"{m['mean']:.4f}", _ci(m)]
+        elif final is None:
+            row = [name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", _ci(m)]
+        else:
+            row = [name, f"{m['mean']:.4f} ± {m['sd']:.4f}", _ci(m), f"{final[name]['mean']:.4f}", _ci(final[name])]
         if single is not None:
-            row.append(f"{single[name]['mean']:.4f} ± {single[name]['sd']:.4f}")
+            spread = f" ± {single[name]['sd']:.4f}" if seeds > 1 else ""
+            row.append(f"{single[name]['mean']:.4f}{spread}")
         table.add_row(*row)
     out.print(table)
-    if final is not None:
+    if networks > 1:
         how = f"{report['folds']} folds × {seeds} seeds" if report.get("folds") else f"{seeds} seed(s)"
         tta = f", TTA {report['tta']}" if report.get("tta", "none") != "none" else ""
         out.print(f"final model = the {report['final']['networks']} networks averaged ({how}{tta})", highlight=False)
