@@ -30,8 +30,6 @@ from tuner.space import DataSettings, SearchSpace
 from tuner.storage import STUDIES_DIR
 from tuner.trial_data import prepare
 
-BOOTSTRAP_METRICS = METRIC_NAMES  # each with a CI over resampled test items
-
 
 def test_reads(study: optuna.Study) -> list[dict]:
     return list(study.user_attrs.get("test_set_reads", []))
@@ -74,14 +72,14 @@ def bootstrap_ci(
         units = [np.array([i]) for i in range(len(target))]
     else:
         units = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
-    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAP_METRICS}
+    values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
     target_np = target.numpy()
     for _ in range(n_resamples):
         idx = torch.from_numpy(np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))]))
         if len(np.unique(target_np[idx.numpy()])) < 2:
             continue  # a resample with one class has no AUROC
         per_seed = [fn(p[idx], target[idx]) for fn, p in zip(fns, probs_per_seed, strict=True)]
-        for name in BOOTSTRAP_METRICS:
+        for name in METRIC_NAMES:
             values[name].append(float(np.mean([m[name] for m in per_seed])))
     out = {}
     for name, vals in values.items():

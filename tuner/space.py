@@ -38,8 +38,6 @@ from tuner.metric_names import VALIDATION_METRICS
 from tuner.models import check_model_name, resolve_pretrained
 from tuner.samplers import PRUNERS, SAMPLERS
 
-METRICS = VALIDATION_METRICS  # study.metric, train.checkpoint_metric and study.constraints name these
-
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -143,7 +141,7 @@ class Bound(_Frozen):
 
 class StudySettings(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
-    metric: Literal[METRICS] = "val_auroc"  # type: ignore[valid-type]
+    metric: Literal[VALIDATION_METRICS] = "val_auroc"  # type: ignore[valid-type]
     direction: Literal["maximize", "minimize", None] = None
     sampler: SamplerSettings = SamplerSettings()
     pruner: PrunerSettings = MedianPrunerSettings()
@@ -155,7 +153,7 @@ class StudySettings(_Frozen):
     save_checkpoints: bool = False  # also each completed trial's best weights, as an artifact
     stop: StopSettings | None = None  # end early once the best value stops improving (all workers)
     # e.g. {val_recall: {min: 0.9}}: only trials meeting every bound (at their operating point) count as best
-    constraints: dict[Literal[METRICS], Bound] = {}  # type: ignore[valid-type]
+    constraints: dict[Literal[VALIDATION_METRICS], Bound] = {}  # type: ignore[valid-type]
 
     @property
     def resolved_direction(self) -> str:
@@ -220,7 +218,7 @@ class TrainSettings(_Frozen):
     patience: Annotated[int, Field(ge=1)] | None = 5
     # Which validation metric picks a trial's best epoch (its checkpoint) and drives early stopping;
     # default: the study's metric. The trial's value is the study's metric at that epoch.
-    checkpoint_metric: Literal[METRICS] | None = None  # type: ignore[valid-type]
+    checkpoint_metric: Literal[VALIDATION_METRICS] | None = None  # type: ignore[valid-type]
     device: Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")] = "auto"
     amp: bool = True
     channels_last: bool = True

@@ -70,7 +70,8 @@ def warm_start(study: optuna.Study, space: SearchSpace, donor: optuna.Study, *, 
     new: set[str] = set()
     enqueued = 0
     for trial in best:
-        replay = _Replay(renamed(trial.params))
+        params = renamed(trial.params)  # in today's names
+        replay = _Replay(params)
         try:
             suggest(replay, space)
         except _OutsideTheSpace as err:
@@ -79,7 +80,7 @@ def warm_start(study: optuna.Study, space: SearchSpace, donor: optuna.Study, *, 
         except (ValueError, TypeError) as err:  # the donor's combination fails this space's own checks
             said.append(f"trial {trial.number} of {donor.study_name} skipped: {err}")
             continue
-        dropped |= set(renamed(trial.params)) - set(replay.params)
+        dropped |= set(params) - set(replay.params)
         new |= set(replay.new)
         study.enqueue_trial(
             replay.params,

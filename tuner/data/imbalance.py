@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -46,25 +47,20 @@ def _times(classes: np.ndarray, counts: np.ndarray, ratio: float, multipliers: d
     return {int(c): int(round(n * multipliers.get(int(c), 1.0))) for c, n in zip(classes, counts, strict=True)}
 
 
-def _in_order(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+def _in_order(labels: np.ndarray, wanted: Counts, seed: int) -> np.ndarray:
     return np.arange(len(labels))
 
 
-def _undersampled(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+def _resampled(labels: np.ndarray, wanted: Counts, seed: int, *, over: bool) -> np.ndarray:
+    """imbalanced-learn's random over- (or under-) sampler, drawing indices to ``wanted`` counts per class."""
+    from imblearn.over_sampling import RandomOverSampler
     from imblearn.under_sampling import RandomUnderSampler
 
-    sampler = RandomUnderSampler(sampling_strategy=wanted, random_state=seed)
+    sampler = (RandomOverSampler if over else RandomUnderSampler)(sampling_strategy=wanted, random_state=seed)
     return sampler.fit_resample(np.arange(len(labels)).reshape(-1, 1), labels)[0][:, 0]
 
 
-def _oversampled(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
-    from imblearn.over_sampling import RandomOverSampler
-
-    sampler = RandomOverSampler(sampling_strategy=wanted, random_state=seed)
-    return sampler.fit_resample(np.arange(len(labels)).reshape(-1, 1), labels)[0][:, 0]
-
-
-def _multiplied(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+def _multiplied(labels: np.ndarray, wanted: Counts, seed: int) -> np.ndarray:
     """Each class's indices repeated ``int(m)`` times plus a fresh random share for the fraction of ``m``."""
     rng = np.random.default_rng(seed)
     out = []
@@ -75,7 +71,7 @@ def _multiplied(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict
     return np.concatenate(out)
 
 
-def _weighted(labels: np.ndarray, wanted: Counts, seed: int, multipliers: dict[int, float]) -> np.ndarray:
+def _weighted(labels: np.ndarray, wanted: Counts, seed: int) -> np.ndarray:
     # Draw with replacement, each class equally likely: torch's WeightedRandomSampler semantics.
     _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
     weights = 1.0 / counts[inverse]
@@ -88,15 +84,15 @@ class Strategy:
     new minority images are made once per trial first (then each epoch takes the pool as it is)."""
 
     counts: Callable[[np.ndarray, np.ndarray, float, dict[int, float]], Counts]
-    draw: Callable[[np.ndarray, Counts, int, dict[int, float]], np.ndarray]
+    draw: Callable[[np.ndarray, Counts, int], np.ndarray]
     synthesizes: bool = False
 
 
 # The registry ``params.imbalance`` names: the schema's allowed values come from its keys.
 IMBALANCE_STRATEGIES: dict[str, Strategy] = {
     "none": Strategy(_as_they_are, _in_order),
-    "oversample": Strategy(_floored, _oversampled),
-    "undersample": Strategy(_capped, _undersampled),
+    "oversample": Strategy(_floored, partial(_resampled, over=True)),
+    "undersample": Strategy(_capped, partial(_resampled, over=False)),
     "weighted_sampler": Strategy(_as_they_are, _weighted),
     "multiply": Strategy(_times, _multiplied),
     "smote": Strategy(_floored, _in_order, synthesizes=True),
@@ -122,9 +118,8 @@ def epoch_indices(
     multipliers: dict[int, float] | None = None,
 ) -> np.ndarray:
     """Indices into the training split for one epoch (unshuffled for 'none')."""
-    multipliers = multipliers or {}
     wanted = target_counts(labels, strategy, ratio, multipliers)
-    return IMBALANCE_STRATEGIES[strategy].draw(labels, wanted, seed, multipliers)
+    return IMBALANCE_STRATEGIES[strategy].draw(labels, wanted, seed)
 
 
 def synthesize(
