@@ -64,7 +64,8 @@ def _decoded(block: Block, fingerprint: str, size: int, channels: int, cache_dir
         cache_dir,
         key,
         lambda: block.decode(size, channels),
-        describe=f"{len(block.labels)} {block.name} images at {size}px",
+        # "all": a source without its own splits, split later: "2000 images", not "2000 all images"
+        describe=f"{len(block.labels)} {'' if block.name == 'all' else block.name + ' '}images at {size}px",
     )
     if len(images) != len(block.labels):
         raise DataError(
