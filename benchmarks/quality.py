@@ -1,12 +1,12 @@
 """The model tuner hands back on BreastMNIST+ 64 px, beside the published baselines.
 
     pip install -e ".[weights]"
-    python benchmarks/quality.py [--workdir DIR] [--folds 3] [--seeds 3] [--tta flip]
+    python benchmarks/quality.py [--workdir DIR] [--folds 5] [--seeds 3] [--tta flip]
 
 Runs the README's two commands as a user types them, in DIR (default: a new temporary folder):
 
     tuner optimize --space search_spaces/breast64_pretrained.yaml --data ../shared/data/breastmnist_64.npz
-    tuner refit --best --study breast64_pretrained --seeds 3 --folds 3 --tta flip
+    tuner refit --best --study breast64_pretrained --seeds 3 --folds 5 --tta flip
 
 and prints the wall time of each and of both, the best trial's validation AUROC, the test AUROC
 of the saved (final) model with its bootstrap CI, the per-seed mean ± sd, one network alone, the
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tta", default="flip")
     parser.add_argument("--skip-optimize", action="store_true")
