@@ -257,3 +257,25 @@ def test_a_waiting_trial_with_no_start_left_is_not_waited_for_for_ever(workdir, 
     workers._drop_orphans(study, budget, seen)
     orphan = study.get_trials(deepcopy=False)[0]
     assert orphan.state == TrialState.FAIL and "planned total was reached" in orphan.system_attrs["fail_reason"]
+
+
+def test_a_waiting_trial_claimed_while_orphans_are_dropped_is_left_to_run(workdir, monkeypatch):
+    from tuner import workers
+
+    url = f"sqlite:///{workdir}/orphan.db"
+    study = optuna.create_study(storage=open_storage(url))
+    other_worker = optuna.load_study(study_name=study.study_name, storage=open_storage(url))
+    study.enqueue_trial({"x": 0.5})
+    read = study.get_trials
+
+    def read_then_claimed_elsewhere(*args, **kwargs):  # a worker takes the trial right after the read
+        trials = read(*args, **kwargs)
+        if kwargs.get("states") == (TrialState.WAITING,) and trials:
+            assert other_worker._pop_waiting_trial_id() == trials[0]._trial_id
+        return trials
+
+    monkeypatch.setattr(study, "get_trials", read_then_claimed_elsewhere)
+    monkeypatch.setattr(workers, "ORPHAN_GRACE_SECONDS", 0.0)
+    workers._drop_orphans(study, workers.TrialBudget(study), {})
+    claimed = read(deepcopy=False)[0]
+    assert claimed.state == TrialState.RUNNING and "fail_reason" not in claimed.system_attrs

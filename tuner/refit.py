@@ -51,7 +51,7 @@ from tuner.metrics import choose_threshold
 from tuner.models import Classifier
 from tuner.objective import Objective
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
-from tuner.space import SearchSpace, parse_space, suggest
+from tuner.space import SearchSpace, ThresholdSettings, parse_space, suggest
 from tuner.storage import STUDIES_DIR
 from tuner.study import best_trial, ranked_trials
 from tuner.training import train_model
@@ -303,6 +303,101 @@ def run_seed(
     )
 
 
+def check_refit_options(*, seeds: int, folds: int | None, tta: str, top_k: int | None, trial_number: int | None):
+    if seeds < 1:
+        raise TunerError(f"seeds must be at least 1, but got seeds={seeds}")
+    if folds is not None and not 2 <= folds <= 20:
+        raise TunerError(f"folds must be between 2 and 20, but got folds={folds}")
+    if tta not in TTA_VIEWS:
+        raise TunerError(f"tta must be one of {', '.join(TTA_VIEWS)}, but got tta={tta!r}")
+    if top_k is not None and (top_k < 1 or trial_number is not None):
+        raise TunerError(f"--top-k must be at least 1 and cannot be combined with --trial, but got top_k={top_k}")
+
+
+@dataclass
+class RefitScores:
+    """The refit's test figures. Per seed: that seed's networks averaged (with TTA) at its threshold,
+    with mean, sd and CI over seeds; the final model: every network averaged at one threshold; one
+    network alone (each seed's first, no TTA), so that what averaging adds is final minus this."""
+
+    per_seed: list[dict]
+    summary: dict
+    final: dict
+    final_summary: dict
+    final_probs: torch.Tensor
+    single_network: dict | None
+
+
+def score_runs(
+    runs: list[SeedRun],
+    seed_list: list[int],
+    dataset: Dataset,
+    *,
+    frozen: float | None,
+    rule: ThresholdSettings,
+    n_bootstrap: int,
+    with_single: bool,
+) -> RefitScores:
+    """Score the seeds' runs on the test split. Thresholds: the study's rule on out-of-fold
+    probabilities when the runs have them (per seed, and averaged over seeds for the final model),
+    else ``frozen`` (the trial's own)."""
+    assert dataset.test is not None
+    positive = dataset.positive_index
+    binary = positive is not None and dataset.num_classes == 2
+    target = torch.from_numpy(dataset.test.labels)
+    tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
+
+    def chosen_threshold(oof: torch.Tensor | None) -> float | None:
+        if not binary or oof is None:
+            return frozen
+        assert positive is not None
+        return choose_threshold(oof, tv_target, positive_index=positive, rule=rule.rule, recall=rule.recall)
+
+    thresholds = [chosen_threshold(run.oof_probs) for run in runs]
+    metric_fns = [test_metric_fn(dataset.class_names, positive, t) for t in thresholds]
+    per_seed = [
+        {"seed": seed, "threshold": t, **fn(run.test_probs, target)}
+        for seed, t, fn, run in zip(seed_list, thresholds, metric_fns, runs, strict=True)
+    ]
+    groups = dataset.test.groups
+    ci = bootstrap_ci(
+        [r.test_probs for r in runs], target, metric_fn=metric_fns, groups=groups, n_resamples=n_bootstrap
+    )
+    oofs = [r.oof_probs for r in runs if r.oof_probs is not None]
+    final_threshold = chosen_threshold(torch.stack(oofs).mean(0) if oofs else None)
+    final_fn = test_metric_fn(dataset.class_names, positive, final_threshold)
+    final_probs = torch.stack([r.test_probs for r in runs]).mean(0) if len(runs) > 1 else runs[0].test_probs
+    final = {
+        "networks": sum(len(r.models) for r in runs),
+        "threshold": final_threshold,
+        **final_fn(final_probs, target),
+    }
+    final_summary = summarize(
+        [final], bootstrap_ci([final_probs], target, metric_fn=final_fn, groups=groups, n_resamples=n_bootstrap)
+    )
+    single = None
+    if with_single:
+        single = summarize([fn(r.single_test_probs, target) for fn, r in zip(metric_fns, runs, strict=True)], {})
+    return RefitScores(per_seed, summarize(per_seed, ci), final, final_summary, final_probs, single)
+
+
+def write_refit_predictions(out_dir: Path, dataset: Dataset, seed_list: list[int], runs: list[SeedRun], final_probs):
+    """Test probabilities per seed and of the final model; out-of-fold ones on train+val with folds."""
+    assert dataset.test is not None
+    seeds = [f"seed {s}" for s in seed_list]
+    write_predictions(
+        out_dir / "predictions.csv",
+        torch.from_numpy(dataset.test.labels),
+        "model",
+        [*zip(seeds, [r.test_probs for r in runs], strict=True), ("final", final_probs)],
+        dataset.class_names,
+    )
+    oofs = [(name, r.oof_probs) for name, r in zip(seeds, runs, strict=True) if r.oof_probs is not None]
+    if oofs:
+        tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
+        write_predictions(out_dir / "oof_predictions.csv", tv_target, "model", oofs, dataset.class_names)
+
+
 def refit(
     study: optuna.Study,
     *,
@@ -331,28 +426,14 @@ def refit(
     With ``top_k``, the ``top_k`` best trials are first re-scored with ``seeds`` seeds on validation
     and the best mean is refit (see :func:`rescore`).
     """
-    if seeds < 1:
-        raise TunerError(f"seeds must be at least 1, but got seeds={seeds}")
-    if folds is not None and not 2 <= folds <= 20:
-        raise TunerError(f"folds must be between 2 and 20, but got folds={folds}")
-    if tta not in TTA_VIEWS:
-        raise TunerError(f"tta must be one of {', '.join(TTA_VIEWS)}, but got tta={tta!r}")
-    if top_k is not None and (top_k < 1 or trial_number is not None):
-        raise TunerError(f"--top-k must be at least 1 and cannot be combined with --trial, but got top_k={top_k}")
+    check_refit_options(seeds=seeds, folds=folds, tta=tta, top_k=top_k, trial_number=trial_number)
     trial = pick_trial(study, trial_number)
     space = study_space(study, data)
+    torch_device = resolve_device(device or space.train.device)
     rescored = None
     if top_k:
         dataset = prepare(space, cache_dir=cache_dir)
-        trial, rescored = rescore(
-            study,
-            space,
-            dataset,
-            resolve_device(device or space.train.device),
-            top_k=top_k,
-            seeds=seeds,
-            cache_dir=cache_dir,
-        )
+        trial, rescored = rescore(study, space, dataset, torch_device, top_k=top_k, seeds=seeds, cache_dir=cache_dir)
     hparams = replay_hparams(trial, space)
     warning = check_test_reuse(study, trial.number, allow_test_reuse)
     out_dir = out_dir or STUDIES_DIR / study.study_name / "refit"
@@ -362,7 +443,6 @@ def refit(
 
     dataset = load_test_data(study, space_at_size(space, hparams.image_size), cache_dir)
     assert dataset.test is not None
-    torch_device = resolve_device(device or space.train.device)
     epochs = int(trial.user_attrs["best_epoch"])
     positive = dataset.positive_index
     binary = positive is not None and dataset.num_classes == 2
@@ -370,16 +450,6 @@ def refit(
     if binary and frozen is None:
         frozen = 0.5
     seed_list = [int(trial.user_attrs["seed"]) + SEED_STRIDE * k for k in range(seeds)]
-    target = torch.from_numpy(dataset.test.labels)
-    tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
-    rule = space.study.threshold
-
-    def chosen_threshold(oof: torch.Tensor | None) -> float | None:
-        if not binary or oof is None:
-            return frozen
-        assert positive is not None
-        return choose_threshold(oof, tv_target, positive_index=positive, rule=rule.rule, recall=rule.recall)
-
     n_models, done = seeds * (folds or 1), 0
 
     def model_done() -> None:
@@ -407,35 +477,20 @@ def refit(
         study,
         {"trial": trial.number, "seeds": seed_list, "command": shlex.join(["tuner", *sys.argv[1:]]), "what": "refit"},
     )
-    # Each seed at its own threshold (out-of-fold, or the trial's), its networks averaged.
-    thresholds = [chosen_threshold(run.oof_probs) for run in runs]
-    metric_fns = [test_metric_fn(dataset.class_names, positive, t) for t in thresholds]
-    per_seed = [
-        {"seed": seed, "threshold": t, **fn(run.test_probs, target)}
-        for seed, t, fn, run in zip(seed_list, thresholds, metric_fns, runs, strict=True)
-    ]
-    groups = dataset.test.groups
-    ci = bootstrap_ci(
-        [r.test_probs for r in runs], target, metric_fn=metric_fns, groups=groups, n_resamples=n_bootstrap
+    rule = space.study.threshold
+    scores = score_runs(
+        runs,
+        seed_list,
+        dataset,
+        frozen=frozen,
+        rule=rule,
+        n_bootstrap=n_bootstrap,
+        with_single=bool(folds) or tta != "none",
     )
-    # The final model: every network of every seed averaged, at one threshold (from the out-of-fold
-    # probabilities averaged over seeds, or the trial's).
-    oofs = [r.oof_probs for r in runs if r.oof_probs is not None]
-    final_threshold = chosen_threshold(torch.stack(oofs).mean(0) if oofs else None)
-    final_fn = test_metric_fn(dataset.class_names, positive, final_threshold)
-    final_probs = torch.stack([r.test_probs for r in runs]).mean(0) if seeds > 1 else runs[0].test_probs
-    models = [m for r in runs for m in r.models]
-    final = {"networks": len(models), "threshold": final_threshold, **final_fn(final_probs, target)}
-    final_summary = summarize(
-        [final], bootstrap_ci([final_probs], target, metric_fn=final_fn, groups=groups, n_resamples=n_bootstrap)
-    )
-    single = None
-    if folds or tta != "none":
-        single_rows = [fn(r.single_test_probs, target) for fn, r in zip(metric_fns, runs, strict=True)]
-        single = summarize(single_rows, {})
+    final_threshold = scores.final["threshold"]
     save_refit_model(
         out_dir / "model.pt",
-        models,
+        [m for r in runs for m in r.models],
         hparams,
         dataset,
         runs[0].normalize,
@@ -468,40 +523,27 @@ def refit(
         "folds": folds,
         "tta": tta,
         "rescoring": rescored,
-        "n_train": len(tv_target),
-        "n_test": len(target),
-        "bootstrap": {"resamples": n_bootstrap, "grouped": groups is not None},
-        # per seed: that seed's networks averaged (with TTA), at its threshold; mean, sd and CI over seeds
-        "summary": summarize(per_seed, ci),
-        "per_seed": per_seed,
-        # one network alone (each seed's first, no TTA): what the averaging adds is final minus this
-        "single_network": single,
-        # what model.pt holds and evaluate / predict reproduce
-        "final": final,
-        "final_summary": final_summary,
+        "n_train": len(dataset.train.labels) + len(dataset.val.labels),
+        "n_test": len(dataset.test.labels),
+        "bootstrap": {"resamples": n_bootstrap, "grouped": dataset.test.groups is not None},
+        "summary": scores.summary,
+        "per_seed": scores.per_seed,
+        "single_network": scores.single_network,
+        "final": scores.final,  # what model.pt holds and evaluate / predict reproduce
+        "final_summary": scores.final_summary,
         "test_set_reads": test_reads(study),
     }
-    write_predictions(
-        out_dir / "predictions.csv",
-        target,
-        "model",
-        [*zip([f"seed {s}" for s in seed_list], [r.test_probs for r in runs], strict=True), ("final", final_probs)],
-        dataset.class_names,
-    )
-    if oofs:
-        write_predictions(
-            out_dir / "oof_predictions.csv",
-            tv_target,
-            "model",
-            [
-                (f"seed {seed}", run.oof_probs)
-                for seed, run in zip(seed_list, runs, strict=True)
-                if run.oof_probs is not None
-            ],
-            dataset.class_names,
-        )
+    write_refit_predictions(out_dir, dataset, seed_list, runs, scores.final_probs)
     _plots(
-        out_dir, trial, space.study.metric, final, final_probs, target, dataset.class_names, positive, final_threshold
+        out_dir,
+        trial,
+        space.study.metric,
+        scores.final,
+        scores.final_probs,
+        torch.from_numpy(dataset.test.labels),
+        dataset.class_names,
+        positive,
+        final_threshold,
     )
     write_report(out_dir, report, title=f"Refit of trial {trial.number} of study {study.study_name}")
     return report

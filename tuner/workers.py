@@ -133,8 +133,12 @@ def _drop_orphans(study: optuna.Study, budget: TrialBudget, seen: dict[int, floa
         if now - seen.setdefault(trial._trial_id, now) < ORPHAN_GRACE_SECONDS:
             continue
         storage = study._storage
-        storage.set_trial_system_attr(trial._trial_id, "fail_reason", "not run: the planned total was reached")
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        # Claimed first, the way a worker claims a queued trial (the storage's compare-and-set on WAITING):
+        # a trial a worker took between the read above and now is left to run, never failed under it.
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if not storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                continue
+            storage.set_trial_system_attr(trial._trial_id, "fail_reason", "not run: the planned total was reached")
             storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             log.warning("trial %d was waiting with no start left to run it; marked failed", trial.number)
 
