@@ -114,6 +114,7 @@ class Components:
     pool_labels: np.ndarray
     strategy: str  # how each epoch draws from the pool
     multipliers: dict[int, float]
+    epoch_size: int  # images one epoch draws (the LR schedule's steps are planned from it)
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
@@ -174,6 +175,7 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: Train
         pool_labels=pool_labels,
         strategy=strategy,
         multipliers=multipliers,
+        epoch_size=epoch_size,
         loss_fn=loss_fn,
         optimizer=optimizer,
         schedule=schedule,

@@ -49,7 +49,7 @@ from tuner.hparams import Hyperparameters, renamed, upgrade
 from tuner.inference import TTA_VIEWS, average_probabilities
 from tuner.metrics import choose_threshold
 from tuner.models import Classifier
-from tuner.objective import Objective
+from tuner.objective import Objective, train_settings
 from tuner.report import plot_confusion, plot_history, plot_roc_pr, write_report
 from tuner.space import SearchSpace, ThresholdSettings, parse_space, suggest
 from tuner.storage import STUDIES_DIR
@@ -153,17 +153,9 @@ def rescore(
 
 
 def refit_settings(space: SearchSpace) -> TrainSettings:
-    """No validation left: no early stopping, and ``plateau`` watches the training loss."""
-    return TrainSettings(
-        max_epochs=space.train.max_epochs,
-        patience=None,
-        monitor="train_loss",
-        mode="min",
-        amp=space.train.amp,
-        channels_last=space.train.channels_last,
-        eval_batch_size=space.train.eval_batch_size,
-        min_batch_size=space.train.min_batch_size,
-    )
+    """The trials' settings, but with no validation left: no early stopping, and ``plateau`` watches the
+    training loss."""
+    return replace(train_settings(space), patience=None, monitor="train_loss", mode="min")
 
 
 def refit_one(
@@ -303,7 +295,9 @@ def run_seed(
     )
 
 
-def check_refit_options(*, seeds: int, folds: int | None, tta: str, top_k: int | None, trial_number: int | None):
+def check_refit_options(
+    *, seeds: int, folds: int | None, tta: str, top_k: int | None, trial_number: int | None
+) -> None:
     if seeds < 1:
         raise TunerError(f"seeds must be at least 1, but got seeds={seeds}")
     if folds is not None and not 2 <= folds <= 20:
@@ -312,6 +306,11 @@ def check_refit_options(*, seeds: int, folds: int | None, tta: str, top_k: int |
         raise TunerError(f"tta must be one of {', '.join(TTA_VIEWS)}, but got tta={tta!r}")
     if top_k is not None and (top_k < 1 or trial_number is not None):
         raise TunerError(f"--top-k must be at least 1 and cannot be combined with --trial, but got top_k={top_k}")
+
+
+def train_val_labels(dataset: Dataset) -> torch.Tensor:
+    """Train+val labels in the order :func:`run_seed` pools them (train first): the out-of-fold rows' order."""
+    return torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
 
 
 @dataclass
@@ -345,7 +344,7 @@ def score_runs(
     positive = dataset.positive_index
     binary = positive is not None and dataset.num_classes == 2
     target = torch.from_numpy(dataset.test.labels)
-    tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
+    tv_target = train_val_labels(dataset)
 
     def chosen_threshold(oof: torch.Tensor | None) -> float | None:
         if not binary or oof is None:
@@ -394,8 +393,9 @@ def write_refit_predictions(out_dir: Path, dataset: Dataset, seed_list: list[int
     )
     oofs = [(name, r.oof_probs) for name, r in zip(seeds, runs, strict=True) if r.oof_probs is not None]
     if oofs:
-        tv_target = torch.from_numpy(np.concatenate([dataset.train.labels, dataset.val.labels]))
-        write_predictions(out_dir / "oof_predictions.csv", tv_target, "model", oofs, dataset.class_names)
+        write_predictions(
+            out_dir / "oof_predictions.csv", train_val_labels(dataset), "model", oofs, dataset.class_names
+        )
 
 
 def refit(

@@ -16,7 +16,7 @@ import torch
 
 from tuner.build import TrainSettings, build_components
 from tuner.data.device import DeviceData
-from tuner.data.imbalance import epoch_indices, target_counts
+from tuner.data.imbalance import epoch_indices
 from tuner.data.loader import Normalize, iterate_batches
 from tuner.engine import FitResult, default_amp_dtype, fit
 from tuner.errors import TunerError
@@ -162,7 +162,7 @@ def _train_once(
         ema_decay=hparams.ema_decay,
         on_epoch=on_epoch,
         train_counts=np.bincount(c.pool_labels, minlength=data.num_classes).tolist(),
-        images_per_epoch=sum(target_counts(c.pool_labels, c.strategy, hparams.ratio, c.multipliers).values()),
+        images_per_epoch=c.epoch_size,
     )
     if model is not c.model:  # the head's states, completed with the frozen backbone's
         backbone = {f"backbone.{k}": v.detach().cpu() for k, v in c.model.backbone.state_dict().items()}
