@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,33 @@ def tiny_data(tiny_device_data) -> DeviceData:
 
 
 SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max")
+
+
+def test_a_ctrl_c_the_garbage_collector_swallows_still_stops_training(tiny_data, monkeypatch):
+    """SIGINT handled while a ``__del__`` runs raises KeyboardInterrupt there, where Python prints it as
+    ignored and goes on; training still stops at the end of the epoch."""
+    from tuner import interrupts
+
+    class Dropped:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the finalizer
+
+    swallowed: list = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)
+    monkeypatch.setattr(interrupts, "_requested", False)
+    previous = signal.getsignal(signal.SIGINT)
+    interrupts.install()
+    try:
+        Dropped()
+        assert [s.exc_type for s in swallowed] == [KeyboardInterrupt]  # lost, as Python loses it
+        reported: list[int] = []
+        with pytest.raises(KeyboardInterrupt):
+            train_model(
+                Hyperparameters(width=8, depth=2), tiny_data, SETTINGS, seed=0, on_epoch=lambda e, m: reported.append(e)
+            )
+        assert reported == []  # stopped at the end of the first epoch, before it was reported
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)

@@ -24,7 +24,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from tuner import __version__
+from tuner import __version__, interrupts
 from tuner.errors import SpaceError, TunerError
 from tuner.metric_names import REPORT_ORDER, TABLE_METRICS
 
@@ -112,6 +112,7 @@ def _fmt(value: Any) -> str:
 
 @app.callback(invoke_without_command=True)
 def main(version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False) -> None:
+    interrupts.install()
     if version:
         out.print(f"tuner {__version__}")
         raise typer.Exit()

@@ -22,6 +22,7 @@ from tuner.engine import FitResult, default_amp_dtype, fit
 from tuner.errors import TunerError
 from tuner.features import cached_features, uses_cached_features
 from tuner.hparams import Hyperparameters
+from tuner.interrupts import raise_if_interrupted
 from tuner.losses import logits_to_probs
 from tuner.metrics import classification_metrics
 from tuner.mixing import MixingLoss, mix_batches
@@ -143,6 +144,11 @@ def _train_once(
             val, torch.arange(len(val)), settings.eval_batch_size, normalize=normalize, channels_last=channels_last
         )
 
+    def epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        raise_if_interrupted()  # a Ctrl-C the garbage collector swallowed mid-epoch stops here
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
     result = fit(
         model,
         train_batches=train_batches,
@@ -160,7 +166,7 @@ def _train_once(
         grad_clip=hparams.grad_clip,
         amp=amp,
         ema_decay=hparams.ema_decay,
-        on_epoch=on_epoch,
+        on_epoch=epoch_end,
         train_counts=np.bincount(c.pool_labels, minlength=data.num_classes).tolist(),
         images_per_epoch=c.epoch_size,
     )

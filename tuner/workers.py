@@ -36,6 +36,7 @@ import sqlalchemy as sa
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner import interrupts
 from tuner.data import Dataset
 from tuner.engine import resolve_device
 from tuner.errors import StorageError, TunerError
@@ -292,6 +293,7 @@ def _trials_until_done(
     deadline = time.monotonic() + space.study.timeout if space.study.timeout else None
     orphans: dict[int, float] = {}  # WAITING trials with no start left: when first seen so
     while deadline is None or time.monotonic() < deadline:
+        interrupts.raise_if_interrupted()
         if space.study.stop is not None and _stopped(study, space):
             return
         if after_trial.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
@@ -342,6 +344,7 @@ def _stopped(study: optuna.Study, space: SearchSpace) -> bool:
 def _worker_main(kwargs: dict) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    interrupts.install()
     try:
         work(**kwargs)
     except KeyboardInterrupt:
