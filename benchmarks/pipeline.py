@@ -29,15 +29,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tuner.build import build_classifier, model_normalization
 from tuner.data import load_dataset
 from tuner.data.augment import AugmentConfig, BatchAugment
 from tuner.data.loader import TensorSplit, iterate_batches
 from tuner.data.synthetic import CLASS_NAMES, make_synthetic
-from tuner.engine import train_one_epoch
-from tuner.hparams import Hyperparameters
-from tuner.losses import build_loss
-from tuner.optim import build_optimizer, build_scheduler
+from tuner.train.build import build_classifier, model_normalization
+from tuner.train.hparams import Hyperparameters
+from tuner.train.loop import train_one_epoch
+from tuner.train.losses import build_loss
+from tuner.train.optim import build_optimizer, build_scheduler
 
 
 def write_jpegs(root: Path, n: int) -> None:

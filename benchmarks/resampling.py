@@ -13,13 +13,13 @@ import time
 
 import torch
 
-from tuner.build import TrainSettings
 from tuner.data.device import DeviceData
 from tuner.data.imbalance import synthesize
 from tuner.data.loader import TensorSplit
 from tuner.data.synthetic import make_synthetic
-from tuner.hparams import Hyperparameters
-from tuner.training import train_model
+from tuner.train.build import TrainSettings
+from tuner.train.hparams import Hyperparameters
+from tuner.train.run import train_model
 
 
 def main() -> None:

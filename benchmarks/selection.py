@@ -25,9 +25,9 @@ from pathlib import Path
 
 import optuna
 
-from tuner.refit import refit
-from tuner.space import load_space
-from tuner.workers import run_optimize
+from tuner.final import run_refit
+from tuner.search import run_optimize
+from tuner.search.space import load_space
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
 
         def tested(study, label: str, seconds: float, **kwargs) -> None:
             start = time.perf_counter()
-            report = refit(
+            report = run_refit(
                 study,
                 seeds=args.seeds,
                 out_dir=root / label,

@@ -12,7 +12,7 @@ import argparse
 
 from optuna.trial import TrialState
 
-from tuner.storage import load_existing_study
+from tuner.search.storage import load_existing_study
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from tuner.resources import available_cores
+from tuner.search.resources import available_cores
 
 
 def run(space: Path, data: str, trials: int, workers: int, threads: int, folder: Path, cache: Path) -> dict:

@@ -10,6 +10,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
@@ -23,11 +24,19 @@ from tuner.cli import app
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def unavailable(what: str, fix: str) -> NoReturn:
+    """A test's server, package or file is missing: under CI (``CI`` set) the test fails with the fix, else it
+    skips, so a CI run never passes by skipping what it was meant to run."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing under CI: {fix}")
+    pytest.skip(f"{what} is not available ({fix})")
+
+
 @pytest.fixture
 def breastmnist() -> Path:
     path = SHARED_DATA / "breastmnist.npz"
     if not path.exists():
-        pytest.skip("../shared/data/breastmnist.npz is not available")
+        unavailable("../shared/data/breastmnist.npz", "the shared data folder beside the clone holds it")
     return path
 
 
@@ -137,7 +146,7 @@ def write_lesion_npz(path: Path) -> Path:
 def postgres_url() -> str:
     """A real PostgreSQL server on loopback, started for this test session and stopped after it."""
     if postgres_bindir() is None:
-        pytest.skip("PostgreSQL server binaries not found (.ci/run installs Debian's postgresql)")
+        unavailable("PostgreSQL's server binaries", "apt-get install postgresql, as .ci/run does")
     with postgres_server() as url:
         yield url
 
@@ -168,9 +177,7 @@ def slurm_cluster():
     for this test session and stopped after it. Yields the environment sbatch and squeue need."""
     missing = [d for d in SLURM_DAEMONS if shutil.which(d) is None]
     if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"{', '.join(missing)} not installed; .ci/run installs slurmctld, slurmd and munge")
-        pytest.skip(f"{', '.join(missing)} not installed (.ci/run installs slurmctld, slurmd and munge)")
+        unavailable(", ".join(missing), "apt-get install slurmctld slurmd slurm-client munge, as .ci/run does")
     if os.geteuid() != 0:
         pytest.skip("the one-node Slurm cluster runs its daemons as root")
     root = Path(tempfile.mkdtemp(prefix="tuner-slurm-"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -16,8 +15,8 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 from PIL import Image
 
-from tests.conftest import invoke, tiny_space, write_space
-from tuner.storage import load_existing_study
+from tests.conftest import invoke, tiny_space, unavailable, write_space
+from tuner.search.storage import load_existing_study
 
 PLOTS = ("curves.png", "val_confusion_matrix.png", "val_roc_pr.png")
 
@@ -37,9 +36,7 @@ def _get(url: str) -> bytes:
 def _chromium() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is missing; .ci/run installs Debian's chromium")
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        unavailable("Chromium", "apt-get install chromium, as .ci/run does")
     return found
 
 

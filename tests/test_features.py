@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuner.build import TrainSettings, build_classifier
-from tuner.hparams import Hyperparameters
-from tuner.training import train_model
+from tuner.train.build import TrainSettings, build_classifier
+from tuner.train.hparams import Hyperparameters
+from tuner.train.run import train_model
 
 SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max", eval_batch_size=64)
 
@@ -53,8 +53,8 @@ def test_cached_features_train_the_head_exactly_as_the_full_path(tiny_data, weig
     whole.load_state_dict(cached.best_state)
     from functools import partial
 
-    from tuner.build import model_normalization
-    from tuner.inference import average_probabilities
+    from tuner.train.build import model_normalization
+    from tuner.train.inference import average_probabilities
 
     probs = partial(average_probabilities, num_classes=2, positive_index=tiny_data.positive_index)
     normalize = model_normalization(whole, "resnet10t", 3)

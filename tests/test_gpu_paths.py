@@ -11,15 +11,15 @@ import torch
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.build import TrainSettings, build_components
 from tuner.data.device import DeviceData
-from tuner.engine import fit
-from tuner.hparams import Hyperparameters
-from tuner.losses import logits_to_probs
-from tuner.metrics import classification_metrics
-from tuner.models import BUILTIN_MODELS, SmallCNN
-from tuner.storage import open_storage
-from tuner.training import OutOfMemory, train_model
+from tuner.search.storage import open_storage
+from tuner.train.build import TrainSettings, build_components
+from tuner.train.hparams import Hyperparameters
+from tuner.train.loop import fit
+from tuner.train.losses import logits_to_probs
+from tuner.train.metrics import classification_metrics
+from tuner.train.models import BUILTIN_MODELS, SmallCNN
+from tuner.train.run import OutOfMemory, train_model
 
 
 @pytest.fixture(scope="module")

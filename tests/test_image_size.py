@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.checkpoint import load_model
-from tuner.storage import load_existing_study
+from tuner.search.storage import load_existing_study
+from tuner.train.checkpoint import load_model
 
 
 def test_searched_image_size_decodes_each_size_once_and_refits_at_the_trials_size(workdir, lesion_npz):

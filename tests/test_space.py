@@ -8,8 +8,8 @@ from pydantic import ValidationError
 
 from tests.conftest import invoke, tiny_space, write_space
 from tuner.errors import SpaceError, TunerError
-from tuner.hparams import Hyperparameters
-from tuner.space import Choice, Fixed, Range, parse_space, suggest
+from tuner.search.space import Choice, Fixed, Range, parse_space, suggest
+from tuner.train.hparams import Hyperparameters
 
 SPACE = {
     "study": {"name": "s", "sampler": {"seed": 3}},
@@ -190,7 +190,7 @@ def test_shipped_spaces_are_valid_or_name_the_weights_they_need():
 
 
 def test_per_class_values_are_searched_entry_by_entry_and_replay():
-    from tuner.space import class_names_used
+    from tuner.search.space import class_names_used
 
     space = parse_space(
         {
@@ -236,8 +236,8 @@ def test_every_sampler_and_pruner_name_in_the_schema_builds_and_no_other():
 
     import optuna
 
-    from tuner.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
-    from tuner.space import PrunerSettings, SamplerSettings
+    from tuner.search.samplers import PRUNERS, SAMPLERS, build_pruner, build_sampler
+    from tuner.search.space import PrunerSettings, SamplerSettings
 
     union = get_args(get_args(PrunerSettings)[0])
     assert {get_args(cls.model_fields["name"].annotation)[0] for cls in union} == set(PRUNERS)
@@ -260,7 +260,7 @@ def test_a_study_stored_with_older_spellings_still_replays(tmp_path):
     replays (refit, evaluate) to the hyperparameters it trained with, in today's names."""
     from optuna.distributions import CategoricalDistribution
 
-    from tuner.refit import replay_hparams, study_space
+    from tuner.final.refit import replay_hparams, study_space
 
     old = tiny_space(
         params={

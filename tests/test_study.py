@@ -15,9 +15,9 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.space import parse_space
-from tuner.storage import open_storage
-from tuner.workers import run_optimize
+from tuner.search import run_optimize
+from tuner.search.space import parse_space
+from tuner.search.storage import open_storage
 
 HISTORY_KEYS = {"train_loss", "val_loss", "val_auroc", "val_auprc", "val_f1", "val_recall", "val_specificity", "lr"}
 

@@ -14,7 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
-from tuner.storage import open_storage
+from tuner.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
 
@@ -215,8 +215,9 @@ def test_a_local_study_moves_to_postgres_with_one_command(postgres_url, workdir)
 def test_a_retry_is_waiting_before_its_start_is_given_back(workdir):
     """The race a Slurm run once lost: a worker claiming the start a stale trial gave back must find that
     trial's retry already WAITING, or it creates a new trial and the retry waits for ever."""
-    from tuner.storage import OnStaleTrial
-    from tuner.workers import TrialBudget, _AfterTrial
+    from tuner.search.budget import TrialBudget
+    from tuner.search.storage import OnStaleTrial
+    from tuner.search.workers import AfterTrial
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{workdir}/race.db"))
     budget = TrialBudget(study)
@@ -229,7 +230,7 @@ def test_a_retry_is_waiting_before_its_start_is_given_back(workdir):
         original_give_back(**kwargs)
 
     budget.give_back = give_back  # type: ignore[method-assign]
-    for callback in (OnStaleTrial(lambda s, t: budget.give_back()), _AfterTrial(budget)):
+    for callback in (OnStaleTrial(lambda s, t: budget.give_back()), AfterTrial(budget)):
         assert budget.claim()
         trial = study.ask()
         trial.suggest_float("x", 0.0, 1.0)
@@ -241,26 +242,26 @@ def test_a_retry_is_waiting_before_its_start_is_given_back(workdir):
 
 
 def test_a_waiting_trial_with_no_start_left_is_not_waited_for_for_ever(workdir, monkeypatch):
-    from tuner import workers
+    from tuner.search import budget as budgets
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{workdir}/orphan.db"))
-    budget = workers.TrialBudget(study)
+    budget = budgets.TrialBudget(study)
     budget.add(1, others_running=False)
     study.enqueue_trial({"x": 0.5})
     seen: dict[int, float] = {}
-    workers._drop_orphans(study, budget, seen)  # a start is left: the waiting trial will run
+    budgets.drop_orphans(study, budget, seen)  # a start is left: the waiting trial will run
     assert study.get_trials(deepcopy=False)[0].state == TrialState.WAITING and not seen
     assert budget.claim()  # the start is taken (by a trial that then ran elsewhere)
-    workers._drop_orphans(study, budget, seen)  # seen, but within the grace period: left alone
+    budgets.drop_orphans(study, budget, seen)  # seen, but within the grace period: left alone
     assert study.get_trials(deepcopy=False)[0].state == TrialState.WAITING
-    monkeypatch.setattr(workers, "ORPHAN_GRACE_SECONDS", 0.0)
-    workers._drop_orphans(study, budget, seen)
+    monkeypatch.setattr(budgets, "ORPHAN_GRACE_SECONDS", 0.0)
+    budgets.drop_orphans(study, budget, seen)
     orphan = study.get_trials(deepcopy=False)[0]
     assert orphan.state == TrialState.FAIL and "planned total was reached" in orphan.system_attrs["fail_reason"]
 
 
 def test_a_waiting_trial_claimed_while_orphans_are_dropped_is_left_to_run(workdir, monkeypatch):
-    from tuner import workers
+    from tuner.search import budget
 
     url = f"sqlite:///{workdir}/orphan.db"
     study = optuna.create_study(storage=open_storage(url))
@@ -275,7 +276,7 @@ def test_a_waiting_trial_claimed_while_orphans_are_dropped_is_left_to_run(workdi
         return trials
 
     monkeypatch.setattr(study, "get_trials", read_then_claimed_elsewhere)
-    monkeypatch.setattr(workers, "ORPHAN_GRACE_SECONDS", 0.0)
-    workers._drop_orphans(study, workers.TrialBudget(study), {})
+    monkeypatch.setattr(budget, "ORPHAN_GRACE_SECONDS", 0.0)
+    budget.drop_orphans(study, budget.TrialBudget(study), {})
     claimed = read(deepcopy=False)[0]
     assert claimed.state == TrialState.RUNNING and "fail_reason" not in claimed.system_attrs

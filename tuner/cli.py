@@ -27,6 +27,7 @@ from rich.table import Table
 from tuner import __version__, interrupts
 from tuner.errors import SpaceError, TunerError
 from tuner.metric_names import REPORT_ORDER, TABLE_METRICS
+from tuner.search import StudyKey, TrialKey
 
 app = typer.Typer(
     name="tuner",
@@ -195,9 +196,7 @@ def optimize(
     Each run adds --n-trials trials to the study, shared by its --workers; `--join` on another
     machine helps finish them. The total is exact: failed trials are replaced.
     """
-    from tuner.space import load_space, parse_assignments
-    from tuner.storage import redact
-    from tuner.workers import TrialBudget, run_optimize
+    from tuner.search import TrialBudget, load_space, parse_assignments, redact, run_optimize
 
     _setup_logging(verbose, quiet)
     overrides = {
@@ -212,18 +211,18 @@ def optimize(
     storage_url = storage or _default_storage(spec.study.name)
     donor = None
     if warm_start is not None:
-        from tuner.storage import load_existing_study
+        from tuner.search import load_existing_study
 
         donor = load_existing_study(warm_start, warm_start_storage or storage)
     total = 0 if join or plan else spec.study.n_trials
     progress = _progress(quiet)
 
     def report_trial(study_: Any, trial: Any) -> None:
-        from tuner.study import best_value, trial_summary
+        from tuner.search import best_value, feasibility, trial_summary
 
         s = trial_summary(trial)
         best = best_value(study_)
-        if trial.user_attrs.get("feasible") is False:
+        if feasibility(trial) is False:
             s["reason"] = s["reason"] or "outside study.constraints"
         detail = s["reason"] or f"best epoch {s['best_epoch']}"
         progress.console.print(
@@ -283,8 +282,8 @@ def optimize(
         left = TrialBudget(result).left()
         out.print(f"planned study {spec.study.name}: {left} trials for workers started with --join", highlight=False)
         return
-    if result.user_attrs.get("stopped"):
-        out.print(f"stopped early: {result.user_attrs['stopped']}", highlight=False)
+    if result.user_attrs.get(StudyKey.STOPPED):
+        out.print(f"stopped early: {result.user_attrs[StudyKey.STOPPED]}", highlight=False)
     _print_best(result, spec.study.metric)
     shown = redact(storage_url)
     dashboard_cmd = f"tuner dashboard --study {spec.study.name}" + ("" if storage is None else f" --storage '{shown}'")
@@ -331,7 +330,7 @@ def _parse_gpus(text: str | None) -> list[int]:
 
 
 def _default_storage(study: str) -> str:
-    from tuner.storage import default_storage
+    from tuner.search import default_storage
 
     return default_storage(study)
 
@@ -349,17 +348,19 @@ def _print_best(study: Any, metric: str) -> None:
     if not counts["COMPLETE"]:
         out.print("no trial completed yet")
         return
-    from tuner.study import best_trial
+    from tuner.search import best_trial, feasible
 
     try:
         best = best_trial(study)
     except TunerError as err:  # no trial within study.constraints: said, and the study itself went fine
         out.print(str(err), highlight=False)
         return
-    out.print(f"best trial {best.number}: {metric}={_fmt(best.value)} at epoch {best.user_attrs.get('best_epoch')}")
-    if best.user_attrs.get("constraint_values"):
-        met = ", ".join(f"{k}={_fmt(v)}" for k, v in best.user_attrs["constraint_values"].items())
-        n_feasible = sum(t.user_attrs.get("feasible", True) for t in trials if t.state == TrialState.COMPLETE)
+    out.print(
+        f"best trial {best.number}: {metric}={_fmt(best.value)} at epoch {best.user_attrs.get(TrialKey.BEST_EPOCH)}"
+    )
+    if best.user_attrs.get(TrialKey.CONSTRAINT_VALUES):
+        met = ", ".join(f"{k}={_fmt(v)}" for k, v in best.user_attrs[TrialKey.CONSTRAINT_VALUES].items())
+        n_feasible = sum(feasible(t) for t in trials if t.state == TrialState.COMPLETE)
         out.print(f"  within study.constraints ({met}); {n_feasible} of {counts['COMPLETE']} completed trials are")
     for key, value in best.params.items():
         out.print(f"  {key} = {_fmt(value)}")
@@ -373,14 +374,13 @@ def trials(
     limit: Annotated[int, typer.Option(help="Show at most this many, best first.")] = 50,
 ) -> None:
     """A table of the study's trials: state, value, best epoch, searched params, duration."""
-    from tuner.storage import load_existing_study
-    from tuner.study import trial_summary
+    from tuner.search import load_existing_study, trial_summary
 
     s = load_existing_study(study, storage)
     rows = [trial_summary(t) for t in s.get_trials(deepcopy=False)]
     sign = -1 if s.direction.name == "MAXIMIZE" else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
-    metric = s.user_attrs.get("space", {}).get("study", {}).get("metric", "value")
+    metric = s.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric", "value")
     names = sorted({k for r in rows for k in r["params"]})
     table = Table(title=f"{study}: {len(rows)} trials")
     for r in rows:
@@ -415,14 +415,13 @@ def best(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """The best trial (within study.constraints): value, params, best epoch."""
-    from tuner.storage import load_existing_study
-    from tuner.study import best_trial, trial_summary
+    from tuner.search import best_trial, load_existing_study, trial_summary
 
     s = load_existing_study(study, storage)
     trial = best_trial(s)
     summary = trial_summary(trial)
-    summary["metric"] = s.user_attrs.get("space", {}).get("study", {}).get("metric")
-    summary["hparams"] = trial.user_attrs.get("hparams")
+    summary["metric"] = s.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric")
+    summary["hparams"] = trial.user_attrs.get(TrialKey.HPARAMS)
     summary["study"] = study
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
@@ -440,13 +439,13 @@ def copy(
     """Copy a study to another storage (e.g. the local SQLite file to PostgreSQL), trials and history included."""
     import optuna
 
-    from tuner.storage import copy_study, redact
+    from tuner.search import copy_study, redact
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # its "A new study created" line says less than ours
     copied = copy_study(study, storage, to)
     out.print(
         f"copied study {study} ({len(copied.trials)} trials) to {redact(to)}; continue it with "
-        f"--storage '{redact(to)}' (artifacts stay in {copied.user_attrs.get('artifact_dir')})",
+        f"--storage '{redact(to)}' (artifacts stay in {copied.user_attrs.get(StudyKey.ARTIFACT_DIR)})",
         highlight=False,
         soft_wrap=True,
     )
@@ -464,10 +463,10 @@ def dashboard(
     import optuna_dashboard
     from optuna.artifacts import FileSystemArtifactStore
 
-    from tuner.storage import load_existing_study, redact
+    from tuner.search import load_existing_study, redact
 
     s = load_existing_study(study, storage)
-    folder = s.user_attrs.get("artifact_dir")
+    folder = s.user_attrs.get(StudyKey.ARTIFACT_DIR)
     store = FileSystemArtifactStore(folder) if folder and Path(folder).is_dir() else None
     err.print(f"optuna-dashboard for {redact(storage or _default_storage(study))} at http://{host}:{port}/dashboard/")
     err.print(f"artifacts from {folder}" if store else "no artifact store for this study", highlight=False)
@@ -515,8 +514,8 @@ def refit(
     quiet: QuietOpt = False,
 ) -> None:
     """Retrain a trial on train+validation and evaluate it once on the locked test split."""
-    from tuner.refit import refit as run_refit
-    from tuner.storage import load_existing_study
+    from tuner.final import run_refit
+    from tuner.search import load_existing_study
 
     _setup_logging(verbose, quiet)
     if best_trial and trial is not None:
@@ -583,8 +582,8 @@ def ensemble(
     Each member is replayed on the training split (its validation probabilities set the ensemble's
     threshold), refit on train+validation like `tuner refit`, and evaluated once on the test split.
     """
-    from tuner.ensemble import ensemble as run_ensemble
-    from tuner.storage import load_existing_study
+    from tuner.final import run_ensemble
+    from tuner.search import load_existing_study
 
     _setup_logging(verbose, quiet)
     loaded = [load_existing_study(name, storage) for name in dict.fromkeys(studies)]
@@ -681,7 +680,7 @@ def evaluate(
     bootstrap: BootstrapOpt = 1000,
 ) -> None:
     """Evaluate a saved model on a data set, with its frozen threshold."""
-    from tuner.evaluation import evaluate as run_evaluate
+    from tuner.final import evaluate as run_evaluate
 
     report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, n_bootstrap=bootstrap)
     _print_test_summary(report, f"{model} on {report['data']} ({report['split']})")
@@ -697,8 +696,8 @@ def predict(
     """Class probabilities and the thresholded label for each image, as CSV."""
     import csv
 
-    from tuner.checkpoint import load_model
-    from tuner.data.sources import decode_files
+    from tuner.data import decode_files
+    from tuner.train import load_model
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
@@ -726,8 +725,8 @@ def report(
     ] = None,
 ) -> None:
     """The study view: top trials, parameter importances, optimization history (written as files too)."""
-    from tuner.report import study_report
-    from tuner.storage import load_existing_study
+    from tuner.final import study_report
+    from tuner.search import load_existing_study
 
     s = load_existing_study(study, storage)
     folder = out_dir or Path("studies") / study / "report"
@@ -753,7 +752,7 @@ def space_check(
     assignments: SetOpt = None,
 ) -> None:
     """Validate a space file and print the resolved space."""
-    from tuner.space import iter_specs, load_space, parse_assignments
+    from tuner.search import iter_specs, load_space, parse_assignments
 
     # A space file may leave the data to --data at optimize time.
     spec = load_space(file, None, parse_assignments(assignments or []), require_source=False)
@@ -794,8 +793,7 @@ def data_inspect(
     """Decode (once, into the cache) and show classes and split sizes; the test split is not read."""
     import numpy as np
 
-    from tuner.space import load_space, parse_assignments, parse_space
-    from tuner.trial_data import prepare
+    from tuner.search import load_space, parse_assignments, parse_space, prepare
 
     sets = parse_assignments(assignments or [])
     overrides = {"data.source": data}

@@ -14,7 +14,7 @@ from tuner.data.loader import TensorSplit
 from tuner.errors import TunerError
 
 if TYPE_CHECKING:
-    from tuner.hparams import Hyperparameters
+    from tuner.train import Hyperparameters
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,25 @@
+"""After the search: refit on train+val, ensembles, evaluation on the locked test set, reports.
+
+The names below are this folder's public face; each is imported from its module on first use
+(see ``tuner._exports``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuner._exports import lazy_exports
+
+_EXPORTS = {
+    "ensemble": ["run_ensemble"],
+    "evaluation": ["evaluate"],
+    "refit": ["run_refit"],
+    "report": ["study_report", "write_report"],
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from tuner.final.ensemble import run_ensemble
+    from tuner.final.evaluation import evaluate
+    from tuner.final.refit import run_refit
+    from tuner.final.report import study_report, write_report

@@ -1,0 +1,52 @@
+"""What a study needs: the space file and its suggestions, samplers and pruners, the objective, storage,
+workers and their supervision, warm start and trial artifacts.
+
+The names below are this folder's public face; each is imported from its module on first use
+(see ``tuner._exports``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tuner._exports import lazy_exports
+
+_EXPORTS = {
+    "objective": ["Objective", "train_settings"],
+    "space": [
+        "DataSettings",
+        "SearchSpace",
+        "ThresholdSettings",
+        "iter_specs",
+        "load_space",
+        "parse_assignments",
+        "parse_space",
+        "suggest",
+    ],
+    "storage": ["STUDIES_DIR", "copy_study", "default_storage", "load_existing_study", "open_storage", "redact"],
+    "keys": ["StudyKey", "TrialKey"],
+    "study": ["best_trial", "best_value", "feasibility", "feasible", "ranked_trials", "trial_summary"],
+    "trial_data": ["TrialData", "prepare", "space_at_size"],
+    "budget": ["TrialBudget"],
+    "supervisor": ["run_optimize"],
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # the same names, for type checkers
+    from tuner.search.budget import TrialBudget
+    from tuner.search.keys import StudyKey, TrialKey
+    from tuner.search.objective import Objective, train_settings
+    from tuner.search.space import (
+        DataSettings,
+        SearchSpace,
+        ThresholdSettings,
+        iter_specs,
+        load_space,
+        parse_assignments,
+        parse_space,
+        suggest,
+    )
+    from tuner.search.storage import STUDIES_DIR, copy_study, default_storage, load_existing_study, open_storage, redact
+    from tuner.search.study import best_trial, best_value, feasibility, feasible, ranked_trials, trial_summary
+    from tuner.search.supervisor import run_optimize
+    from tuner.search.trial_data import TrialData, prepare, space_at_size

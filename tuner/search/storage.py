@@ -1,0 +1,160 @@
+"""Where studies live: storage URLs (SQLite by default, PostgreSQL for many workers), opening them
+with heartbeats and pre-pinged connections, redacting passwords from anything shown, loading and
+copying studies."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from tuner.errors import StorageError
+from tuner.search.optuna_internals import storage_of
+
+log = logging.getLogger(__name__)
+
+STUDIES_DIR = Path("studies")
+
+
+def default_storage(study_name: str) -> str:
+    return f"sqlite:///{STUDIES_DIR / study_name}.db"
+
+
+def redact(url: str) -> str:
+    """The URL with any password replaced by ***, for every message and log line."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return "<malformed storage URL>"
+
+
+class OnStaleTrial:
+    """Heartbeat-stale trial: Optuna's retry (re-queue its params as a WAITING trial), then ``then``
+    (tuner's bookkeeping: give its start back to the budget).
+
+    In that order: once the start is back another worker may claim it at once, and it must find the
+    re-queued trial waiting; the other way round it could create a new trial instead, leaving the
+    re-queued one WAITING with no start left to run it, and the workers waiting for it for ever."""
+
+    def __init__(self, then: Callable[[optuna.Study, FrozenTrial], None] | None) -> None:
+        self.then = then
+        with warnings.catch_warnings():  # experimental in Optuna; it is what retries a dead worker's trial
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.retry(study, trial)
+        if self.then is not None:
+            self.then(study, trial)
+
+
+def parse_storage_url(url: str) -> sqlalchemy.engine.URL:
+    try:
+        return sqlalchemy.engine.make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise StorageError(
+            "storage must be an SQLAlchemy URL such as sqlite:///studies/NAME.db or postgresql://user@host/db, "
+            f"but got {redact(url)}"
+        ) from None
+
+
+def open_storage(
+    url: str, *, heartbeat: int = 60, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
+) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried) and pre-ping.
+
+    A trial whose worker sent no heartbeat for ``3 * heartbeat`` seconds is failed and re-queued.
+    """
+    parsed = parse_storage_url(url)
+    engine_url = url
+    if parsed.drivername == "postgresql":
+        # The driver tuner's postgres extra installs (psycopg 3); SQLAlchemy before 2.1 would pick psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        engine_url = parsed.render_as_string(hide_password=False)
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    for attempt in range(3):
+        try:
+            with warnings.catch_warnings():
+                # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = RDBStorage(
+                    engine_url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat,
+                    grace_period=3 * heartbeat,
+                    heartbeat_stale_trial_callback=OnStaleTrial(on_stale),
+                )
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                _write_ahead_log(storage)
+            return storage
+        except sqlalchemy.exc.IntegrityError:
+            # Two processes creating the schema at once: the loser finds the tables on a second try.
+            time.sleep(0.5 * (attempt + 1))
+        except ImportError:
+            raise StorageError(f"cannot open the study storage {redact(url)}: {_missing_driver(parsed)}") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:
+            reason = type(err).__name__ if isinstance(err, sqlalchemy.exc.SQLAlchemyError) else str(err)
+            raise StorageError(
+                f"cannot open the study storage {redact(url)}: {reason.replace(engine_url, redact(engine_url)).replace(url, redact(url))}"
+            ) from None
+    raise StorageError(f"cannot open the study storage {redact(url)}: the schema could not be created")
+
+
+def _missing_driver(url: sqlalchemy.engine.URL) -> str:
+    backend, driver = url.get_backend_name(), url.get_driver_name()
+    if backend == "postgresql":
+        return (
+            f"its driver ({driver}) is not installed: pip install -e '.[postgres]' (or pip install 'psycopg[binary]')"
+        )
+    return f"the database driver {driver} for {backend} is not installed; install it with pip"
+
+
+def _write_ahead_log(storage: RDBStorage) -> None:
+    """SQLite in write-ahead-log mode: readers (the dashboard, the parent's progress, other workers)
+    never block the writer, and a writer waits its turn (the connection's 60 s busy timeout) instead
+    of failing. Writes are short (a trial's report, a heartbeat), so a handful of local worker
+    processes share one file. The mode is stored in the file; setting it again is a no-op."""
+    with storage.engine.connect() as con:
+        con.exec_driver_sql("PRAGMA journal_mode=WAL")
+
+
+def load_existing_study(study_name: str, storage: str | None) -> optuna.Study:
+    url = storage or default_storage(study_name)
+    if storage is None and not (STUDIES_DIR / f"{study_name}.db").exists():
+        raise StorageError(
+            f"no study {study_name!r}: {STUDIES_DIR / study_name}.db does not exist; run `tuner optimize` first or pass --storage"
+        )
+    rdb = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(rdb)]
+    if study_name not in names:
+        raise StorageError(f"no study {study_name!r} in {redact(url)}; studies there: {', '.join(names) or 'none'}")
+    return optuna.load_study(study_name=study_name, storage=rdb)
+
+
+def copy_study(study_name: str, storage: str | None, to_storage: str) -> optuna.Study:
+    """Copy a study (its trials with their histories, its space, data description and test-set reads)
+    to another storage, e.g. from the local SQLite file to PostgreSQL when more machines join."""
+    source = load_existing_study(study_name, storage)
+    target = open_storage(to_storage)
+    if study_name in [s.study_name for s in optuna.get_all_study_summaries(target)]:
+        raise StorageError(
+            f"study {study_name!r} already exists in {redact(to_storage)}; delete it there or copy to another storage"
+        )
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) for t in source.get_trials(deepcopy=False)):
+        raise StorageError(f"study {study_name!r} has trials running or waiting; copy it once its workers stopped")
+    optuna.copy_study(from_study_name=study_name, from_storage=storage_of(source), to_storage=target)
+    return optuna.load_study(study_name=study_name, storage=target)
