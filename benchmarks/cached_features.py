@@ -24,7 +24,7 @@ import torch
 from tuner.data import load_dataset
 from tuner.data.device import DeviceData
 from tuner.train import package_file
-from tuner.train.build import TrainSettings
+from tuner.train.build import RunSettings
 from tuner.train.hparams import Hyperparameters
 from tuner.train.run import train_model
 
@@ -58,8 +58,8 @@ def main() -> None:
             f"{dataset.description}: {len(dataset.train)} train / {len(dataset.val)} val at {args.size} px, "
             f"efficientnet_lite0 frozen, {args.trials} trials x {args.epochs} epochs, {torch.get_num_threads()} threads"
         )
-        settings = TrainSettings(max_epochs=args.epochs, patience=None, monitor="val_auroc", mode="max")
-        full_settings = replace(settings, cached_features=False)
+        settings = RunSettings(max_epochs=args.epochs, patience=None, monitor="val_auroc", mode="max")
+        full_settings = replace(settings, reuse_features=False)
         cached_settings = replace(settings, feature_cache=Path(tmp) / "features")
         seconds: dict[str, list[float]] = {"full": [], "cached": []}
         for i in range(args.trials):

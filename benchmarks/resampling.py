@@ -17,7 +17,7 @@ from tuner.data.device import DeviceData
 from tuner.data.imbalance import synthesize
 from tuner.data.loader import TensorSplit
 from tuner.data.synthetic import make_synthetic
-from tuner.train.build import TrainSettings
+from tuner.train.build import RunSettings
 from tuner.train.hparams import Hyperparameters
 from tuner.train.run import train_model
 
@@ -51,7 +51,7 @@ def main() -> None:
         image_size=args.size,
         class_names=("benign", "malignant"),
     )
-    settings = TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
+    settings = RunSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
     _, result = train_model(Hyperparameters(imbalance="oversample"), data, settings, seed=0)
     epoch = result.seconds_per_epoch
     print(f"one epoch of small_cnn over the balanced split: {epoch:.2f} s")

@@ -60,7 +60,7 @@ def main() -> None:
                 out_dir=root / label,
                 cache_dir=root / "cache",
                 allow_test_reuse=True,
-                n_bootstrap=200,
+                bootstrap=200,
                 **kwargs,
             )
             rescoring = report.get("rescoring")

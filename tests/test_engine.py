@@ -10,7 +10,7 @@ import torch
 
 from tuner.data import load_dataset
 from tuner.data.device import DeviceData
-from tuner.train.build import TrainSettings, build_classifier, seed_everything
+from tuner.train.build import RunSettings, build_classifier, seed_everything
 from tuner.train.hparams import IMBALANCES, OPTIMIZERS, SCHEDULERS, Hyperparameters
 from tuner.train.loop import NonFiniteLossError
 from tuner.train.run import train_model
@@ -30,7 +30,7 @@ def tiny_data(tiny_device_data) -> DeviceData:
     return tiny_device_data
 
 
-SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max")
+SETTINGS = RunSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max")
 
 
 def test_a_ctrl_c_the_garbage_collector_swallows_still_stops_training(tiny_data, monkeypatch):
@@ -99,7 +99,7 @@ def test_non_finite_loss_raises(tiny_data):
 
 
 def test_early_stopping_and_best_state(tiny_data):
-    settings = TrainSettings(max_epochs=30, patience=2, monitor="val_auroc", mode="max")
+    settings = RunSettings(max_epochs=30, patience=2, monitor="val_auroc", mode="max")
     model, result = train_model(Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32), tiny_data, settings, seed=0)
     assert result.stopped_early and result.epochs_run == result.best_epoch + 2
     assert result.best_value == max(result.history["val_auroc"])
@@ -116,7 +116,7 @@ def test_same_seed_same_result(tiny_data):
 def test_frozen_backbone_only_trains_the_head(tiny_data):
     hp = Hyperparameters(model="test_resnet", freeze_backbone=True, hidden_sizes=(16,), dropout=0.2, batch_size=64)
     model, result = train_model(
-        hp, tiny_data, TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max"), seed=0
+        hp, tiny_data, RunSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max"), seed=0
     )
     seed_everything(0)
     fresh = build_classifier(hp, num_classes=2, channels=3, image_size=16)
@@ -325,7 +325,7 @@ def test_a_pretrained_backbone_can_learn_slower_than_its_head(tiny_data):
 
 def test_weight_averaging_validates_and_returns_the_average_without_changing_training(tiny_data):
     hp = Hyperparameters(width=4, depth=2, lr=0.05, batch_size=32)
-    settings = TrainSettings(max_epochs=4, patience=None, monitor="val_loss", mode="min")
+    settings = RunSettings(max_epochs=4, patience=None, monitor="val_loss", mode="min")
     plain_model, plain = train_model(hp, tiny_data, settings, seed=0)
     # A decay of almost 0 averages nothing: the same validation as without, so it is the average that
     # is validated and nothing else changed.
@@ -348,7 +348,7 @@ def test_weight_averaging_validates_and_returns_the_average_without_changing_tra
 
 
 def test_warmup_raises_the_rate_linearly_then_hands_over_to_the_schedule(tiny_data):
-    settings = TrainSettings(max_epochs=6, patience=None, monitor="val_auroc", mode="max")
+    settings = RunSettings(max_epochs=6, patience=None, monitor="val_auroc", mode="max")
     hp = Hyperparameters(width=4, depth=2, lr=0.01, batch_size=32, scheduler="cosine", warmup_epochs=2)
     _, result = train_model(hp, tiny_data, settings, seed=0)
     cosine_over_the_rest = [0.01 * (1 + math.cos(math.pi * k / 4)) / 2 for k in range(4)]

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tuner.train.build import TrainSettings, build_classifier
+from tuner.train.build import RunSettings, build_classifier
 from tuner.train.hparams import Hyperparameters
 from tuner.train.run import train_model
 
-SETTINGS = TrainSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max", eval_batch_size=64)
+SETTINGS = RunSettings(max_epochs=4, patience=None, monitor="val_auroc", mode="max", eval_batch_size=64)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_cached_features_train_the_head_exactly_as_the_full_path(tiny_data, weig
     from dataclasses import replace
 
     hp = _frozen(weights)
-    full_model, full = train_model(hp, tiny_data, replace(SETTINGS, cached_features=False), seed=3)
+    full_model, full = train_model(hp, tiny_data, replace(SETTINGS, reuse_features=False), seed=3)
     cache = tmp_path / "cache"
     model, cached = train_model(hp, tiny_data, replace(SETTINGS, feature_cache=cache), seed=3)
     # Same batches, same head, same dropout draws: the same validation curve up to float rounding.

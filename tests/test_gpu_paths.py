@@ -13,7 +13,7 @@ from optuna.trial import TrialState
 from tests.conftest import invoke, tiny_space, write_space
 from tuner.data.device import DeviceData
 from tuner.search.storage import open_storage
-from tuner.train.build import TrainSettings, build_components
+from tuner.train.build import RunSettings, build_components
 from tuner.train.hparams import Hyperparameters
 from tuner.train.loop import fit
 from tuner.train.losses import logits_to_probs
@@ -27,7 +27,7 @@ def data(tiny_device_data) -> DeviceData:
     return tiny_device_data
 
 
-GPU_LIKE = TrainSettings(max_epochs=3, patience=None, monitor="val_auroc", mode="max", amp_on_cpu=True)
+GPU_LIKE = RunSettings(max_epochs=3, patience=None, monitor="val_auroc", mode="max", amp_on_cpu=True)
 
 
 def _record_convs(model: torch.nn.Module) -> list[tuple[bool, torch.dtype, bool]]:
@@ -43,7 +43,7 @@ def _record_convs(model: torch.nn.Module) -> list[tuple[bool, torch.dtype, bool]
     return seen
 
 
-def _fit(data: DeviceData, hp: Hyperparameters, settings: TrainSettings, **kwargs):
+def _fit(data: DeviceData, hp: Hyperparameters, settings: RunSettings, **kwargs):
     c = build_components(hp, data, settings, seed=0)
     seen = _record_convs(c.model)
     order = torch.arange(len(data.train))
@@ -79,10 +79,10 @@ def test_bf16_autocast_and_channels_last_run_on_cpu(data):
     assert result.best_val_probs.dtype == torch.float32  # probabilities leave autocast in full precision
     # By default CPU training runs in fp32 (no autocast) but channels_last (faster convolutions there too);
     # with channels_last off, in the default memory format.
-    default = TrainSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
+    default = RunSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
     _, _, seen = _fit(data, hp, default)
     assert {dtype for _, dtype, _ in seen} == {torch.float32} and all(cl for _, _, cl in seen)
-    _, _, seen = _fit(data, hp, TrainSettings(**{**default.__dict__, "channels_last": False}))
+    _, _, seen = _fit(data, hp, RunSettings(**{**default.__dict__, "channels_last": False}))
     assert not any(cl for _, _, cl in seen)
 
 
@@ -117,13 +117,13 @@ def memory_hungry(monkeypatch):
 
 def test_out_of_memory_retries_at_half_the_batch_size(data, memory_hungry):
     hp = Hyperparameters(model="memory_hungry", width=4, depth=2, batch_size=64, accumulate_steps=1)
-    settings = TrainSettings(max_epochs=2, patience=None, monitor="val_auroc", mode="max")
+    settings = RunSettings(max_epochs=2, patience=None, monitor="val_auroc", mode="max")
     tried: list[Hyperparameters] = []
     _, result = train_model(hp, data, settings, seed=0, on_retry=tried.append)
     assert [(t.batch_size, t.accumulate_steps) for t in tried] == [(32, 2), (16, 4)]  # same images per step
     assert result.epochs_run == 2 and len(result.history["train_loss"]) == 2
     with pytest.raises(OutOfMemory, match="at batch_size=32 .*below train.min_batch_size=32"):
-        train_model(hp, data, TrainSettings(**{**settings.__dict__, "min_batch_size": 32}), seed=0)
+        train_model(hp, data, RunSettings(**{**settings.__dict__, "min_batch_size": 32}), seed=0)
 
 
 def test_out_of_memory_in_a_study_retries_or_ends_infeasible(workdir, memory_hungry):

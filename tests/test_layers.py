@@ -105,3 +105,14 @@ def test_a_front_door_imports_nothing_until_a_name_is_used():
     code = "import sys, tuner.search.storage; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False"]
+
+
+def test_no_module_is_longer_than_a_reader_can_hold():
+    """450 lines at most, but for the CLI (one function per command) and the space schema (one model per
+    section of the file)."""
+    long = {
+        module: n
+        for module, path in _modules()
+        if (n := len(path.read_text().splitlines())) > 450 and module not in ("tuner.cli", "tuner.search.space")
+    }
+    assert long == {}

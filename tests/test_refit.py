@@ -380,7 +380,7 @@ def test_replay_accepts_hyperparameters_added_since_at_their_defaults_only():
     from optuna.distributions import FloatDistribution
 
     from tuner.errors import TunerError
-    from tuner.final.refit import replay_hparams
+    from tuner.final.replay import replay_hparams
     from tuner.search.space import parse_space
     from tuner.train.hparams import Hyperparameters
 

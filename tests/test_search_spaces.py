@@ -128,7 +128,7 @@ def _space_for_tests(path: Path, kinds: dict[str, Path]):
 def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data_kinds):
     """Each option of each categorical builds its model, training pool, loss, optimizer and schedule."""
     from tuner.data.device import DeviceData
-    from tuner.search.objective import train_settings
+    from tuner.search.objective import run_settings
     from tuner.search.space import Choice, suggest
     from tuner.search.trial_data import prepare
     from tuner.train.build import build_components
@@ -138,7 +138,7 @@ def test_every_choice_of_every_space_builds_and_takes_a_step(path, workdir, data
     widest = max([len(s.options) for s, _ in iter_specs(space.specs) if isinstance(s, Choice)], default=1)
     for k in range(max(widest, 2)):
         hparams = suggest(Variant(k), space)
-        c = build_components(hparams, data, train_settings(space), seed=k)
+        c = build_components(hparams, data, run_settings(space), seed=k)
         x = c.normalize(torch.index_select(c.pool.images, 0, torch.arange(4)).float())
         c.model.train()
         loss = c.loss_fn(c.model(x), c.pool.labels[:4])

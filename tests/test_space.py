@@ -260,7 +260,7 @@ def test_a_study_stored_with_older_spellings_still_replays(tmp_path):
     replays (refit, evaluate) to the hyperparameters it trained with, in today's names."""
     from optuna.distributions import CategoricalDistribution
 
-    from tuner.final.refit import replay_hparams, study_space
+    from tuner.final.replay import replay_hparams, study_space
 
     old = tiny_space(
         params={

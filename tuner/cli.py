@@ -1,4 +1,4 @@
-"""The ``tuner`` command line. Parses, calls, prints; no logic of its own.
+"""The ``tuner`` command line: parses the arguments, calls the library, prints the results.
 
 User mistakes (``TunerError``) are printed as one line per problem on stderr
 with exit code 2; results go to stdout. Tracebacks never show local variables,
@@ -122,7 +122,7 @@ def main(version: Annotated[bool, typer.Option("--version", help="Print the vers
 @app.command()
 @user_errors
 def optimize(
-    space: Annotated[Path, typer.Option("--space", help="Search-space YAML file.", dir_okay=False)],
+    space_file: Annotated[Path, typer.Option("--space", help="Search-space YAML file.", dir_okay=False)],
     data: Annotated[
         Optional[str],
         typer.Option("--data", help="Image folder, CSV manifest, .npz or 'synthetic' (overrides data.source)."),
@@ -207,62 +207,23 @@ def optimize(
         "train.device": device,
         "train.max_epochs": max_epochs,
     }
-    spec = load_space(space, overrides, parse_assignments(assignments or []))
-    storage_url = storage or _default_storage(spec.study.name)
+    search_space = load_space(space_file, overrides, parse_assignments(assignments or []))
+    name = search_space.study.name
+    storage_url = storage or _default_storage(name)
     donor = None
     if warm_start is not None:
         from tuner.search import load_existing_study
 
         donor = load_existing_study(warm_start, warm_start_storage or storage)
-    total = 0 if join or plan else spec.study.n_trials
-    progress = _progress(quiet)
-
-    def report_trial(study_: Any, trial: Any) -> None:
-        from tuner.search import best_value, feasibility, trial_summary
-
-        s = trial_summary(trial)
-        best = best_value(study_)
-        if feasibility(trial) is False:
-            s["reason"] = s["reason"] or "outside study.constraints"
-        detail = s["reason"] or f"best epoch {s['best_epoch']}"
-        progress.console.print(
-            f"trial {s['number']:>3} {s['state']:<8} {spec.study.metric}={_fmt(s['value']):<7} "
-            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best) if best is not None else '-'}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        progress.advance(task)
-
-    best_in_trial: dict[int, float] = {}
-    last_epoch: dict[int, int] = {}
-    sign = 1 if spec.study.resolved_direction == "maximize" else -1
-
-    def report_epoch(number: int, epoch: int, value: float) -> None:
-        """Inside a trial: its epoch, latest value and best so far, under the trials bar (or as a log line)."""
-        if last_epoch.get(number) == epoch:  # several workers are polled every second: report each epoch once
-            return
-        last_epoch[number] = epoch
-        if math.isfinite(value) and (number not in best_in_trial or sign * value > sign * best_in_trial[number]):
-            best_in_trial[number] = value
-        line = (
-            f"trial {number} epoch {epoch}/{spec.train.max_epochs} {spec.study.metric}={_fmt(value)} "
-            f"(trial best {_fmt(best_in_trial.get(number))})"
-        )
-        if progress.disable:
-            logging.getLogger("tuner.optimize").info(line)
-        else:
-            progress.update(epochs, description=line, completed=epoch, total=spec.train.max_epochs)
-
-    with progress:
-        task = progress.add_task("trials", total=total)
-        epochs = progress.add_task("waiting for the first epoch", total=None)
+    display = StudyProgress(search_space, total=0 if join or plan else search_space.study.n_trials, quiet=quiet)
+    with display:
         try:
             result = run_optimize(
-                spec,
+                search_space,
                 storage_url=storage_url,
                 cache_dir=cache_dir,
-                on_epoch=report_epoch,
-                callbacks=[report_trial],
+                on_epoch=display.epoch,
+                callbacks=[display.trial_finished],
                 artifacts_dir=artifacts,
                 workers=workers,
                 gpus=_parse_gpus(gpus),
@@ -275,24 +236,80 @@ def optimize(
                 plan=plan,
             )
         except KeyboardInterrupt:
-            progress.stop()
+            display.progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
             _exit_interrupted()
     if plan:
         left = TrialBudget(result).left()
-        out.print(f"planned study {spec.study.name}: {left} trials for workers started with --join", highlight=False)
+        out.print(f"planned study {name}: {left} trials for workers started with --join", highlight=False)
         return
     if result.user_attrs.get(StudyKey.STOPPED):
         out.print(f"stopped early: {result.user_attrs[StudyKey.STOPPED]}", highlight=False)
-    _print_best(result, spec.study.metric)
+    _print_best(result, search_space.study.metric)
     shown = redact(storage_url)
-    dashboard_cmd = f"tuner dashboard --study {spec.study.name}" + ("" if storage is None else f" --storage '{shown}'")
+    dashboard_cmd = f"tuner dashboard --study {name}" + ("" if storage is None else f" --storage '{shown}'")
     out.print(
         f"\nOpen the dashboard:  optuna-dashboard '{shown}'\n               or:  {dashboard_cmd}",
         soft_wrap=True,
         markup=False,
         highlight=False,
     )
+
+
+class StudyProgress:
+    """What ``optimize`` shows while a study runs: a bar over the trials with one line per finished trial,
+    and under it the running trial's epoch with its latest and best value. Off the terminal (a log file, a
+    Slurm job) each epoch is one log line instead."""
+
+    def __init__(self, space: Any, *, total: int, quiet: bool) -> None:
+        self.metric, self.max_epochs = space.study.metric, space.train.max_epochs
+        self.sign = 1 if space.study.resolved_direction == "maximize" else -1
+        self.progress = _progress(quiet)
+        self.total = total
+        self.best_in_trial: dict[int, float] = {}
+        self.last_epoch: dict[int, int] = {}
+
+    def __enter__(self) -> StudyProgress:
+        self.progress.__enter__()
+        self.trials = self.progress.add_task("trials", total=self.total)
+        self.epochs = self.progress.add_task("waiting for the first epoch", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def trial_finished(self, study: Any, trial: Any) -> None:
+        from tuner.search import best_value, feasibility, trial_summary
+
+        s = trial_summary(trial)
+        best = best_value(study)
+        if feasibility(trial) is False:
+            s["reason"] = s["reason"] or "outside study.constraints"
+        detail = s["reason"] or f"best epoch {s['best_epoch']}"
+        self.progress.console.print(
+            f"trial {s['number']:>3} {s['state']:<8} {self.metric}={_fmt(s['value']):<7} "
+            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best) if best is not None else '-'}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        self.progress.advance(self.trials)
+
+    def epoch(self, number: int, epoch: int, value: float) -> None:
+        """Inside a trial: its epoch, latest value and best so far."""
+        if self.last_epoch.get(number) == epoch:  # several workers are polled every second: each epoch once
+            return
+        self.last_epoch[number] = epoch
+        best = self.best_in_trial.get(number)
+        if math.isfinite(value) and (best is None or self.sign * value > self.sign * best):
+            self.best_in_trial[number] = value
+        line = (
+            f"trial {number} epoch {epoch}/{self.max_epochs} {self.metric}={_fmt(value)} "
+            f"(trial best {_fmt(self.best_in_trial.get(number))})"
+        )
+        if self.progress.disable:
+            logging.getLogger("tuner.optimize").info(line)
+        else:
+            self.progress.update(self.epochs, description=line, completed=epoch, total=self.max_epochs)
 
 
 def _exit_interrupted() -> NoReturn:
@@ -536,7 +553,7 @@ def refit(
             device=device,
             allow_test_reuse=allow_test_reuse,
             force=force,
-            n_bootstrap=bootstrap,
+            bootstrap=bootstrap,
             on_model=lambda done, total: progress.update(task, completed=done),
             top_k=top_k,
         )
@@ -599,7 +616,7 @@ def ensemble(
             device=device,
             allow_test_reuse=allow_test_reuse,
             force=force,
-            n_bootstrap=bootstrap,
+            bootstrap=bootstrap,
             on_member=lambda done, total: progress.update(task, completed=done, total=total),
         )
     table = Table(title="test split (members at their own thresholds, the ensemble at one chosen on validation)")
@@ -682,7 +699,7 @@ def evaluate(
     """Evaluate a saved model on a data set, with its frozen threshold."""
     from tuner.final import evaluate as run_evaluate
 
-    report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, n_bootstrap=bootstrap)
+    report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, bootstrap=bootstrap)
     _print_test_summary(report, f"{model} on {report['data']} ({report['split']})")
 
 
@@ -755,15 +772,15 @@ def space_check(
     from tuner.search import iter_specs, load_space, parse_assignments
 
     # A space file may leave the data to --data at optimize time.
-    spec = load_space(file, None, parse_assignments(assignments or []), require_source=False)
-    s = spec.study
-    out.print(f"[bold]{file}[/] is valid (fingerprint {spec.fingerprint()})")
+    search_space = load_space(file, None, parse_assignments(assignments or []), require_source=False)
+    s = search_space.study
+    out.print(f"[bold]{file}[/] is valid (fingerprint {search_space.fingerprint()})")
     out.print(
         f"study {s.name}: {s.resolved_direction} {s.metric}, sampler {s.sampler.name} (seed {s.sampler.seed}), "
         f"pruner {s.pruner.name}, {s.n_trials} trials" + (f", timeout {s.timeout} s" if s.timeout else ""),
         highlight=False,
     )
-    d, t = spec.data, spec.train
+    d, t = search_space.data, search_space.train
     out.print(
         f"data {d.source} at {d.image_size}px, val {d.val_fraction}, test {d.test_fraction}, split seed {d.split_seed}",
         highlight=False,
@@ -775,7 +792,7 @@ def space_check(
     table = Table(title="params")
     for col in ("name", "distribution", "when"):
         table.add_column(col)
-    for param, condition in iter_specs(spec.specs):
+    for param, condition in iter_specs(search_space.specs):
         table.add_row(param.name, param.describe(), condition or "always")
     out.print(table)
 
@@ -797,10 +814,10 @@ def data_inspect(
 
     sets = parse_assignments(assignments or [])
     overrides = {"data.source": data}
-    spec = (
+    search_space = (
         load_space(space, overrides, sets) if space else parse_space({}, "--data", overrides, sets, require_source=True)
     )
-    ds = prepare(spec, cache_dir=cache_dir)
+    ds = prepare(search_space, cache_dir=cache_dir)
     out.print(
         f"{ds.description}: {ds.channels} channel(s), {ds.image_size}px, classes {', '.join(ds.class_names)}",
         highlight=False,
@@ -816,7 +833,7 @@ def data_inspect(
     out.print(table)
     if ds.train.tags is not None:
         values, counts = np.unique(ds.train.tags.astype(str), return_counts=True)
-        column = spec.data.hard_example_column
+        column = search_space.data.hard_example_column
         out.print(
             f"{column} in train: " + ", ".join(f"{v}: {n}" for v, n in zip(values, counts, strict=True)),
             highlight=False,

@@ -38,10 +38,10 @@ from tuner.final.evaluation import (
     test_reads,
     write_predictions,
 )
-from tuner.final.refit import refit_one, replay_hparams, study_space
+from tuner.final.replay import refit_one, replay_hparams, study_space
 from tuner.final.report import write_report
 from tuner.metric_names import TABLE_METRICS
-from tuner.search import STUDIES_DIR, SearchSpace, StudyKey, TrialKey, ranked_trials, space_at_size, train_settings
+from tuner.search import STUDIES_DIR, SearchSpace, StudyKey, TrialKey, ranked_trials, run_settings, space_at_size
 from tuner.train import choose_threshold, plot_confusion, plot_roc_pr, resolve_device, train_model
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
     assert dataset.test is not None
     hparams = replay_hparams(m.trial, m.space)
     seed = int(m.trial.user_attrs[TrialKey.SEED])
-    _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), train_settings(m.space), seed=seed)
+    _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), run_settings(m.space), seed=seed)
     replayed = result.history[m.space.study.metric][result.best_epoch - 1]
     assert m.trial.value is not None and result.best_val_probs is not None and result.val_targets is not None
     if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
@@ -156,7 +156,7 @@ def run_ensemble(
     device: str | None = None,
     allow_test_reuse: bool = False,
     force: bool = False,
-    n_bootstrap: int = 1000,
+    bootstrap: int = 1000,
     on_member: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     members = pick_members(studies, top_k, per_model)
@@ -212,9 +212,7 @@ def run_ensemble(
         assert dataset.test is not None
         metric_fn = test_metric_fn(dataset.class_names, dataset.positive_index, thr)
         metrics = metric_fn(probs, test_target)
-        ci = bootstrap_ci(
-            [probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, n_resamples=n_bootstrap
-        )
+        ci = bootstrap_ci([probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, bootstrap=bootstrap)
         return {"name": name, **extra, "threshold": thr, "summary": summarize([metrics], ci), "metrics": metrics}
 
     rows = [

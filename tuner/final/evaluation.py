@@ -55,7 +55,7 @@ def bootstrap_ci(
     *,
     metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | Sequence[Callable],
     groups: np.ndarray | None = None,
-    n_resamples: int = 1000,
+    bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
     """Percentile 95% CIs of the seed-averaged metrics, resampling test items (whole groups when given).
@@ -68,7 +68,7 @@ def bootstrap_ci(
         units = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
     values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
     target_np = target.numpy()
-    for _ in range(n_resamples):
+    for _ in range(bootstrap):
         idx = torch.from_numpy(np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))]))
         if len(np.unique(target_np[idx.numpy()])) < 2:
             continue  # a resample with one class has no AUROC
@@ -165,7 +165,7 @@ def evaluate(
     out_dir: Path | None = None,
     cache_dir: Path = STUDIES_DIR / "cache",
     force: bool = False,
-    n_bootstrap: int = 1000,
+    bootstrap: int = 1000,
 ) -> dict[str, Any]:
     """Evaluate a saved model on a data source: its test split if it has one, else all of it."""
     saved = load_model(model_path)
@@ -189,7 +189,7 @@ def evaluate(
     threshold = saved.threshold if saved.threshold is not None else 0.5
     metric_fn = test_metric_fn(saved.class_names, saved.positive_index, threshold)
     metrics = metric_fn(probs, target)
-    ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, n_resamples=n_bootstrap)
+    ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, bootstrap=bootstrap)
     out_dir = out_dir or model_path.parent / "evaluate"
     prepare_out_dir(out_dir, force)
     report = {

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tuner._exports import lazy_exports
 
 _EXPORTS = {
-    "objective": ["Objective", "train_settings"],
+    "objective": ["Objective", "run_settings"],
     "space": [
         "DataSettings",
         "SearchSpace",
@@ -35,7 +35,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # the same names, for type checkers
     from tuner.search.budget import TrialBudget
     from tuner.search.keys import StudyKey, TrialKey
-    from tuner.search.objective import Objective, train_settings
+    from tuner.search.objective import Objective, run_settings
     from tuner.search.space import (
         DataSettings,
         SearchSpace,

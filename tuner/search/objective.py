@@ -32,7 +32,7 @@ from tuner.train import (
     Hyperparameters,
     NonFiniteLossError,
     OutOfMemory,
-    TrainSettings,
+    RunSettings,
     choose_threshold,
     classification_metrics,
     free_memory,
@@ -48,14 +48,14 @@ class TrialFault(RuntimeError):
     """A trial could not finish (out of memory, impossible combination); the reason is recorded."""
 
 
-def train_settings(space: SearchSpace) -> TrainSettings:
+def run_settings(space: SearchSpace) -> RunSettings:
     """The loop's settings for this space's trials (refit and re-scoring use them too)."""
     checkpoint = space.train.checkpoint_metric
     if checkpoint is None:
         monitor, mode = space.study.metric, "max" if space.study.resolved_direction == "maximize" else "min"
     else:
         monitor, mode = checkpoint, "min" if checkpoint == "val_loss" else "max"
-    return TrainSettings(
+    return RunSettings(
         max_epochs=space.train.max_epochs,
         patience=space.train.patience,
         monitor=monitor,
@@ -84,13 +84,13 @@ class Objective:
         artifacts: Path | None = None,
         folds: list[DeviceData] | None = None,
         on_epoch: EpochProgress | None = None,
-        sizes: TrialData | None = None,
+        trial_data: TrialData | None = None,
     ) -> None:
         self.on_epoch = on_epoch  # told (trial, epoch, metric value) after each epoch: progress display
         self.space = space
         self.data = data
         self.folds = folds or []
-        self.sizes = sizes  # the data at other image sizes, when image_size is a hyperparameter
+        self.trial_data = trial_data  # the data at other image trial_data, when image_size is a hyperparameter
         self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
         self.artifacts = (
             None
@@ -104,9 +104,9 @@ class Objective:
             )
         )
         self.metric = space.study.metric
-        self.settings = train_settings(space)
-        if sizes is not None:  # features of a frozen backbone go to the disk cache beside the pixels
-            self.settings = replace(self.settings, feature_cache=sizes.cache_dir)
+        self.settings = run_settings(space)
+        if trial_data is not None:  # features of a frozen backbone go to the disk cache beside the pixels
+            self.settings = replace(self.settings, feature_cache=trial_data.cache_dir)
 
     def __call__(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)
@@ -147,11 +147,11 @@ class Objective:
     def _data_for(self, hparams: Hyperparameters) -> tuple[DeviceData, list[DeviceData]]:
         if hparams.image_size in (None, self.data.image_size):
             return self.data, self.folds
-        if self.sizes is None:
+        if self.trial_data is None:
             raise TunerError(
                 f"image_size={hparams.image_size} was asked for, but only {self.data.image_size} is loaded"
             )
-        return self.sizes.at(hparams.image_size)
+        return self.trial_data.at(hparams.image_size)
 
     def _retry(self, trial: Any, history: dict) -> Callable[[Hyperparameters], None]:
         """Out of memory: the run starts over at a smaller batch size; record each one tried."""

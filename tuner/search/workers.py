@@ -131,9 +131,9 @@ def work(
     artifacts = Path(study.user_attrs[StudyKey.ARTIFACT_DIR]) if space.study.artifacts else None
     if artifacts is not None:
         artifacts.mkdir(parents=True, exist_ok=True)
-    sizes = TrialData(space, dataset, torch_device, cache_dir)
-    data, folds = sizes.at(dataset.image_size)
-    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, sizes=sizes)
+    trial_data = TrialData(space, dataset, torch_device, cache_dir)
+    data, folds = trial_data.at(dataset.image_size)
+    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, trial_data=trial_data)
     budget = TrialBudget(study)
     after_trial = AfterTrial(budget)
     try:

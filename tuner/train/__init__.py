@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from tuner._exports import lazy_exports
 
 _EXPORTS = {
-    "build": ["TrainSettings", "build_classifier", "build_components", "model_normalization", "seed_everything"],
+    "build": ["RunSettings", "build_classifier", "build_components", "model_normalization", "seed_everything"],
     "checkpoint": ["SavedModel", "load_model", "save_model"],
     "hparams": ["BEFORE_ADDED", "Hyperparameters", "renamed", "upgrade", "upgrade_stored"],
     "inference": ["TTA_VIEWS", "average_probabilities"],
@@ -27,7 +27,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # the same names, for type checkers
     from tuner.train.build import (
-        TrainSettings,
+        RunSettings,
         build_classifier,
         build_components,
         model_normalization,

@@ -1,5 +1,5 @@
-"""From one trial's hyperparameters to everything it trains with: model, training pool and sampler,
-class-weighted loss, optimizer, LR schedule and augmentation (:func:`build_components`)."""
+"""From one trial's hyperparameters to everything it trains with: model, training pool and how each epoch
+draws from it, class-weighted loss, optimizer, LR schedule and augmentation (:func:`build_components`)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def loss_class_weights(hparams: Hyperparameters, data: DeviceData, labels: np.nd
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class RunSettings:
     """How the loop runs, the same for every trial of a study (from the space's ``train`` section);
     what varies per trial is in its :class:`~tuner.hparams.Hyperparameters`."""
 
@@ -64,16 +64,15 @@ class TrainSettings:
     # Autocast on the CPU too (bf16): for CPUs with bf16 units, and to run the CUDA code path in tests.
     amp_on_cpu: bool = False
     # Trials with a frozen pretrained backbone and nothing that changes an image train only the head on
-    # features computed once (see tuner.features), kept in this folder (None: in memory, per run).
-    cached_features: bool = True
+    # features computed once (see tuner.train.features), kept in this folder (None: in memory, per run).
+    reuse_features: bool = True
     feature_cache: Path | None = None
 
     def uses_amp(self, device: torch.device) -> bool:
         return self.amp and (device.type == "cuda" or (device.type == "cpu" and self.amp_on_cpu))
 
     def uses_channels_last(self, device: torch.device) -> bool:
-        # oneDNN's CPU convolutions are faster on NHWC too (about 20% per step for a small CNN
-        # on this project's 2-core reference machine); MPS support for it is uneven.
+        # oneDNN's CPU convolutions are faster on NHWC too (docs/results.md); MPS support for it is uneven.
         return self.channels_last and device.type in ("cuda", "cpu")
 
 
@@ -127,7 +126,7 @@ class Components:
     augment: BatchAugment
 
 
-def build_components(hparams: Hyperparameters, data: DeviceData, settings: TrainSettings, seed: int) -> Components:
+def build_components(hparams: Hyperparameters, data: DeviceData, settings: RunSettings, seed: int) -> Components:
     """Model, training pool and sampler, loss, optimizer, LR schedule and augmentation, on the data's device."""
     seed_everything(seed)
     device = data.train.images.device

@@ -55,7 +55,7 @@ def embed(
     *,
     normalize: Normalize,
     batch_size: int,
-    amp: torch.dtype | None,
+    amp_dtype: torch.dtype | None,
     channels_last: bool,
 ) -> torch.Tensor:
     """The backbone's features of every image of ``split`` (eval mode, in order), as float32."""
@@ -65,7 +65,7 @@ def embed(
     for x, _ in iterate_batches(
         split, torch.arange(len(split)), batch_size, normalize=normalize, channels_last=channels_last
     ):
-        with autocast(device, amp):
+        with autocast(device, amp_dtype):
             out.append(backbone(x).float())
     return torch.cat(out)
 
@@ -78,7 +78,7 @@ def cached_features(
     normalize: Normalize,
     cache_dir: Path | None,
     batch_size: int,
-    amp: torch.dtype | None,
+    amp_dtype: torch.dtype | None,
     channels_last: bool,
     describe: str,
 ) -> TensorSplit:
@@ -87,7 +87,12 @@ def cached_features(
 
     def compute() -> np.ndarray:
         features = embed(
-            backbone, split, normalize=normalize, batch_size=batch_size, amp=amp, channels_last=channels_last
+            backbone,
+            split,
+            normalize=normalize,
+            batch_size=batch_size,
+            amp_dtype=amp_dtype,
+            channels_last=channels_last,
         )
         return features.cpu().numpy()
 
@@ -103,7 +108,7 @@ def cached_features(
             drop_path=hparams.drop_path,  # eval mode ignores it; kept so the key states the whole backbone
             mean=list(normalize.mean),
             std=list(normalize.std),
-            amp=str(amp),
+            amp=str(amp_dtype),  # the cache key keeps its name: entries stay valid
         )
         array, _ = cached_array(
             cache_dir, key, compute, describe=f"{describe} ({hparams.model})", action="computing features of"

@@ -19,7 +19,7 @@ from tuner.train.optim import OPTIMIZERS, SCHEDULERS
 
 Probability = Annotated[float, Field(ge=0.0, lt=1.0)]
 ClassValue = Annotated[float, Field(gt=0.0, le=1000.0)]
-PerClass = dict[str, ClassValue]  # keyed by class name, e.g. {benign: 0.5, malignant: 0.85}
+ClassValues = dict[str, ClassValue]  # keyed by class name, e.g. {benign: 0.5, malignant: 0.85}
 
 # The choices come from the factories that implement them, so the two can never disagree.
 AUGMENTATIONS = tuple(AUGMENT_PRESETS)
@@ -52,8 +52,8 @@ class Hyperparameters(BaseModel):
     # class imbalance and loss
     imbalance: Literal[IMBALANCES] = "none"  # type: ignore[valid-type]
     ratio: Annotated[float, Field(ge=1.0)] = 1.0
-    class_multipliers: PerClass = {}  # imbalance=multiply: times each class appears per epoch (1 if absent)
-    class_weights: Union[Literal["none", "balanced"], PerClass] = "none"  # loss weights; balanced = sklearn's
+    class_multipliers: ClassValues = {}  # imbalance=multiply: times each class appears per epoch (1 if absent)
+    class_weights: Union[Literal["none", "balanced"], ClassValues] = "none"  # loss weights; balanced = sklearn's
     extra_ratio: Annotated[float, Field(ge=0.0, le=100.0)] = 0.0  # data.extra_train images per real one of that class
     drop_hard: tuple[str, ...] = ()  # training items whose data.hard_example_column value is listed are left out
     loss: Literal[tuple(LOSSES)] = "ce"  # type: ignore[valid-type]
@@ -146,7 +146,7 @@ def field_adapter(name: str) -> TypeAdapter[Any]:
 def field_kind(name: str) -> str:
     """'int', 'float', 'bool', 'str', 'tuple' or 'per_class': what kind of distribution a field can take."""
     annotation = Hyperparameters.model_fields[name].annotation
-    if PerClass in (annotation, *getattr(annotation, "__args__", ())):
+    if ClassValues in (annotation, *getattr(annotation, "__args__", ())):
         return "per_class"
     for kind in (bool, int, float, str):
         if annotation is kind:

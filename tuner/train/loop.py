@@ -92,15 +92,15 @@ def predict(
     *,
     to_probs: Callable[[torch.Tensor], torch.Tensor],
     loss_fn: nn.Module | None = None,
-    amp: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Probabilities, targets and mean loss over ``batches`` (model in eval mode; ``amp``: autocast dtype)."""
+    """Probabilities, targets and mean loss over ``batches`` (model in eval mode; ``amp_dtype``: autocast in it, None: full precision)."""
     model.eval()
     probs, targets = [], []
     loss_sum, count = None, 0
     device = next(model.parameters()).device
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device, amp_dtype):
             logits = model(x)
         if loss_fn is not None:
             batch_loss = loss_fn(logits, y) * len(y)
@@ -121,7 +121,7 @@ def train_one_epoch(
     schedule: LRSchedule,
     accumulate_steps: int = 1,
     grad_clip: float = 0.0,
-    amp: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, int]:
@@ -134,7 +134,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     pending = 0
     for x, y in batches:
-        with autocast(device, amp):
+        with autocast(device, amp_dtype):
             loss = loss_fn(model(x), y)
         scaled = loss / accumulate_steps
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
@@ -294,7 +294,7 @@ def fit(
             schedule=schedule,
             accumulate_steps=accumulate_steps,
             grad_clip=grad_clip,
-            amp=dtype,
+            amp_dtype=dtype,
             scaler=scaler,
             on_step=on_step,
         )
@@ -304,7 +304,9 @@ def fit(
         train_done = time.perf_counter()
         metrics = {"train_loss": train_loss}
         if val_batches is not None:
-            probs, targets, val_loss = predict(averaged, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp=dtype)
+            probs, targets, val_loss = predict(
+                averaged, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp_dtype=dtype
+            )
             metrics["val_loss"] = val_loss
             metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]

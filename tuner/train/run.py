@@ -17,7 +17,7 @@ import torch
 from tuner.data import DeviceData, Normalize, epoch_indices, iterate_batches
 from tuner.errors import TunerError
 from tuner.interrupts import raise_if_interrupted
-from tuner.train.build import TrainSettings, build_components
+from tuner.train.build import RunSettings, build_components
 from tuner.train.features import cached_features, uses_cached_features
 from tuner.train.hparams import Hyperparameters
 from tuner.train.loop import FitResult, default_amp_dtype, fit
@@ -43,7 +43,7 @@ def free_memory() -> None:
 def train_model(
     hparams: Hyperparameters,
     data: DeviceData,
-    settings: TrainSettings,
+    settings: RunSettings,
     *,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
@@ -82,7 +82,7 @@ def train_model(
 def _train_once(
     hparams: Hyperparameters,
     data: DeviceData,
-    settings: TrainSettings,
+    settings: RunSettings,
     *,
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
@@ -96,7 +96,7 @@ def _train_once(
     model: torch.nn.Module = c.model
     pool, val = c.pool, data.val
     normalize: Normalize | None = c.normalize
-    if settings.cached_features and uses_cached_features(hparams):
+    if settings.reuse_features and uses_cached_features(hparams):
         # Only the head trains, on the backbone's features of the same images in the same batches.
         embed = partial(
             cached_features,
@@ -105,7 +105,7 @@ def _train_once(
             normalize=c.normalize,
             cache_dir=settings.feature_cache,
             batch_size=settings.eval_batch_size,
-            amp=default_amp_dtype(device) if amp else None,
+            amp_dtype=default_amp_dtype(device) if amp else None,
             channels_last=channels_last,
         )
         pool = embed(c.pool, describe=f"{len(c.pool)} training images")
