@@ -11,7 +11,6 @@ from collections import Counter
 import numpy as np
 
 from tuner.errors import DataError
-from tuner.train import Hyperparameters  # noqa: F401  (scratch: a lower room importing a higher one)
 
 # scikit-learn is imported where a split is drawn: a source with its own splits never needs it, and
 # importing it costs every worker a second.
