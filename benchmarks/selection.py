@@ -63,13 +63,11 @@ def main() -> None:
                 bootstrap=200,
                 **kwargs,
             )
-            rescoring = report.get("rescoring")
-            chosen = next((r["mean"] for r in rescoring if r["trial"] == report["trial"]), None) if rescoring else None
-            selection = chosen if chosen is not None else report["validation_value"]
-            auroc = report["summary"]["auroc"]
-            rows.append(
-                (label, report["trial"], selection, auroc["mean"], auroc["sd"], seconds + time.perf_counter() - start)
-            )
+            rescoring = report.rescoring
+            chosen = next((r["mean"] for r in rescoring if r["trial"] == report.trial), None) if rescoring else None
+            selection = chosen if chosen is not None else report.validation_value
+            auroc = report.summary["auroc"]
+            rows.append((label, report.trial, selection, auroc.mean, auroc.sd, seconds + time.perf_counter() - start))
 
         holdout, seconds = run("holdout")
         tested(holdout, "hold-out best trial", seconds)

@@ -48,7 +48,9 @@ def main() -> None:
     dataset = prepare(space, cache_dir=Path("studies/cache"))
     data, _ = TrialData(space, dataset, torch.device("cpu"), Path("studies/cache")).at(None)
     settings = run_settings(space)
-    print(f"{dataset.description}: {len(dataset.train)} train / {len(dataset.val)} val; {torch.get_num_threads()} threads")
+    print(
+        f"{dataset.description}: {len(dataset.train)} train / {len(dataset.val)} val; {torch.get_num_threads()} threads"
+    )
     rows: dict[bool, list[float]] = {True: [], False: []}
     for seed in range(args.seeds):
         for decay_1d in (True, False) if seed % 2 == 0 else (False, True):

@@ -60,20 +60,16 @@ def test_an_old_study_lists_ranks_and_refits(legacy: Path):
     best = invoke("best", "--study", "legacy", "--storage", storage, "--json")
     assert best.exit_code == 0, best.output
     assert json.loads(best.stdout)["number"] == 1
-    refit = invoke(
-        "refit",
-        "--trial",
-        "1",
-        "--study",
-        "legacy",
-        "--storage",
-        storage,
-        "--out",
-        legacy / "refit",
-        "--bootstrap",
-        "50",
-    )
+    out = legacy / "refit"
+    refit = invoke("refit", "--trial", "1", "--study", "legacy", "--storage", storage, "--seeds", "2", "--out", out)
     assert refit.exit_code == 0, refit.output
-    report = json.loads((legacy / "refit" / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text())
     assert report["trial"] == 1 and report["params"]["optimizer"] == "sgd"
     assert len(report["test_set_reads"]) == 2  # the old refit's read is still on record, and this one is added
+    # The trial replays as it trained (weight decay on every parameter, as tuner 0.1 did), so the same
+    # seeds give the same networks and the same test figures as the old refit.
+    assert report["hparams"]["weight_decay_1d"] is True
+    old = json.loads((legacy / "report.json").read_text())
+    assert report["seeds"] == old["seeds"]
+    assert [s["auroc"] for s in report["per_seed"]] == pytest.approx([s["auroc"] for s in old["per_seed"]], abs=1e-6)
+    assert report["final"]["auroc"] == pytest.approx(old["final"]["auroc"], abs=1e-6)

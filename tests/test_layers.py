@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tuner._exports import typed_exports
+
 PACKAGE = Path(__file__).parents[1] / "tuner"
 LAYERS = ["data", "train", "search", "final"]  # bottom to top
 TOP = {"cli", "__main__"}  # above every folder
@@ -79,23 +81,24 @@ def test_each_folder_imports_only_itself_and_the_folders_below():
 
 
 @pytest.mark.parametrize("folder", LAYERS)
-def test_each_front_door_names_what_it_exports_once_and_each_name_resolves(folder):
+def test_each_front_door_names_each_export_once_and_each_name_resolves(folder):
     door = PACKAGE / folder / "__init__.py"
     tree = ast.parse(door.read_text())
-    typed = {
+    names = [
         alias.name
         for block in tree.body
         if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
         for node in block.body
         if isinstance(node, ast.ImportFrom)
         for alias in node.names
-    }
+    ]
+    assert len(names) == len(set(names)), "a name exported twice"
     package = importlib.import_module(f"tuner.{folder}")
-    assert set(package.__all__) == typed
+    assert package.__all__ == sorted(names)
     modules = {p.stem for p in (PACKAGE / folder).glob("*.py")}
-    assert not modules & typed, "a name that is also a module's would be shadowed by the module once imported"
+    assert not modules & set(names), "a name that is also a module's would be shadowed by the module once imported"
     for name in package.__all__:
-        assert getattr(package, name) is not None
+        assert getattr(package, name) is getattr(importlib.import_module(typed_exports(door)[name]), name)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         package.nope  # noqa: B018
 

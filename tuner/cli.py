@@ -557,16 +557,27 @@ def refit(
             on_model=lambda done, total: progress.update(task, completed=done),
             top_k=top_k,
         )
-    if report["rescoring"]:
+    if report.rescoring:
         out.print("re-scored on validation (mean ± sd over seeds):", highlight=False)
-        for row in report["rescoring"]:
-            mark = "  <- chosen" if row["trial"] == report["trial"] else ""
+        for row in report.rescoring:
+            mark = "  <- chosen" if row["trial"] == report.trial else ""
             out.print(
                 f"  trial {row['trial']:>3}: {_fmt(row['value'])} in the study, {row['mean']:.4f} ± {row['sd']:.4f}{mark}",
                 highlight=False,
             )
     _print_test_summary(
-        report, f"trial {report['trial']} refit on train+val for {report['epochs']} epochs, seeds {report['seeds']}"
+        f"trial {report.trial} refit on train+val for {report.epochs} epochs, seeds {report.seeds}",
+        positive_class=report.positive_class,
+        threshold=report.threshold,
+        threshold_rule=report.threshold_rule,
+        n_test=report.n_test,
+        summary=report.summary,
+        seeds=len(report.seeds),
+        networks=report.networks,
+        final=report.final_summary,
+        single=report.single_network,
+        how=f"{report.folds} folds × {len(report.seeds)} seeds" if report.folds else f"{len(report.seeds)} seed(s)",
+        tta=report.tta,
     )
     folder = out_dir or Path("studies") / study / "refit"
     out.print(f"model, predictions, plots and report in {folder}/", highlight=False)
@@ -620,31 +631,43 @@ def ensemble(
             on_member=lambda done, total: progress.update(task, completed=done, total=total),
         )
     table = Table(title="test split (members at their own thresholds, the ensemble at one chosen on validation)")
-    names = [m for m in TABLE_METRICS if m in report["summary"]]
+    names = [m for m in TABLE_METRICS if m in report.summary]
     for column in ("model", "val", *names):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for row in [*report["members"], report["ensemble"]]:
-        label = row["name"] if "model" not in row else f"{row['name']} ({row['model']})"
-        val = f"{row['validation_value']:.4f}" if "validation_value" in row else ""
-        table.add_row(label, val, *[f"{row['summary'][n]['mean']:.4f}" for n in names])
+    for row in [*report.members, report.ensemble]:
+        label = row.name if row.model is None else f"{row.name} ({row.model})"
+        val = "" if row.validation_value is None else f"{row.validation_value:.4f}"
+        table.add_row(label, val, *[f"{row.summary[n].mean:.4f}" for n in names])
     out.print(table)
     folder = out_dir or Path("studies") / loaded[0].study_name / "ensemble"
     out.print(f"member models, predictions, plots and report in {folder}/", highlight=False)
 
 
-def _print_test_summary(report: dict, headline: str) -> None:
+def _print_test_summary(
+    headline: str,
+    *,
+    positive_class: str | None,
+    threshold: float | None,
+    threshold_rule: str,
+    n_test: int,
+    summary: dict[str, Any],
+    seeds: int = 1,
+    networks: int = 1,
+    final: dict[str, Any] | None = None,
+    single: dict[str, Any] | None = None,
+    how: str = "",
+    tta: str = "none",
+) -> None:
+    """The test table: per seed (mean ± sd over seeds) and the final model, or one model's values, with
+    bootstrap CIs; one network alone beside them when the final model averages several."""
     out.print(headline, highlight=False)
-    if report.get("positive_class"):
-        rule = report.get("threshold_rule") or "chosen on validation"
-        out.print(f"positive class {report['positive_class']}, threshold {_fmt(report.get('threshold'))} ({rule})")
-    final, single = report.get("final_summary"), report.get("single_network")
-    seeds = len(report.get("seeds") or [None])
-    networks = report["final"]["networks"] if final is not None else 1
+    if positive_class:
+        out.print(f"positive class {positive_class}, threshold {_fmt(threshold)} ({threshold_rule})")
     if seeds == 1:  # one seed's networks are the final model: a per-seed column would repeat it
         final = None
     if networks == 1:  # and one network is the whole model
         single = None
-    table = Table(title=f"test set, n={report['n_test']}")
+    table = Table(title=f"test set, n={n_test}")
     if seeds == 1:  # one model has a value, not a spread
         columns = ["metric", f"final ({networks} networks)" if networks > 1 else "value", "95% CI"]
     elif final is None:
@@ -655,31 +678,30 @@ def _print_test_summary(report: dict, headline: str) -> None:
         columns.append("one network")
     for col in columns:
         table.add_column(col, justify="left" if col == "metric" else "right")
-    if report["summary"].get("focus_recall"):
-        out.print(f"focus class {report.get('positive_class')}: its recall and precision come first")
+    if summary.get("focus_recall"):
+        out.print(f"focus class {positive_class}: its recall and precision come first")
     for name in REPORT_ORDER:
-        m = report["summary"].get(name)
+        m = summary.get(name)
         if not m:
             continue
         if seeds == 1:
-            row = [name, f"{m['mean']:.4f}", _ci(m)]
+            row = [name, f"{m.mean:.4f}", _ci(m)]
         elif final is None:
-            row = [name, f"{m['mean']:.4f}", f"{m['sd']:.4f}", _ci(m)]
+            row = [name, f"{m.mean:.4f}", f"{m.sd:.4f}", _ci(m)]
         else:
-            row = [name, f"{m['mean']:.4f} ± {m['sd']:.4f}", _ci(m), f"{final[name]['mean']:.4f}", _ci(final[name])]
+            row = [name, f"{m.mean:.4f} ± {m.sd:.4f}", _ci(m), f"{final[name].mean:.4f}", _ci(final[name])]
         if single is not None:
-            spread = f" ± {single[name]['sd']:.4f}" if seeds > 1 else ""
-            row.append(f"{single[name]['mean']:.4f}{spread}")
+            spread = f" ± {single[name].sd:.4f}" if seeds > 1 else ""
+            row.append(f"{single[name].mean:.4f}{spread}")
         table.add_row(*row)
     out.print(table)
     if networks > 1:
-        how = f"{report['folds']} folds × {seeds} seeds" if report.get("folds") else f"{seeds} seed(s)"
-        tta = f", TTA {report['tta']}" if report.get("tta", "none") != "none" else ""
-        out.print(f"final model = the {report['final']['networks']} networks averaged ({how}{tta})", highlight=False)
+        shown_tta = f", TTA {tta}" if tta != "none" else ""
+        out.print(f"final model = the {networks} networks averaged ({how}{shown_tta})", highlight=False)
 
 
-def _ci(m: dict) -> str:
-    return "" if m.get("ci_low") is None else f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]"
+def _ci(m: Any) -> str:
+    return "" if m.ci_low is None else f"[{m.ci_low:.3f}, {m.ci_high:.3f}]"
 
 
 @app.command()
@@ -700,7 +722,14 @@ def evaluate(
     from tuner.final import evaluate as run_evaluate
 
     report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, bootstrap=bootstrap)
-    _print_test_summary(report, f"{model} on {report['data']} ({report['split']})")
+    _print_test_summary(
+        f"{model} on {report.data} ({report.split})",
+        positive_class=report.positive_class,
+        threshold=report.threshold,
+        threshold_rule="chosen on validation",
+        n_test=report.n_test,
+        summary=report.summary,
+    )
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """The metric names, in one place (a light module: the space schema and the CLI read them without
 importing torchmetrics).
 
-``METRIC_NAMES``: what :func:`tuner.metrics.classification_metrics` computes for every task, in the
+``METRIC_NAMES``: what :func:`tuner.train.metrics.classification_metrics` computes for every task, in the
 order reports list them (ranking metrics first); ``FOCUS_NAMES``: the focus class's own (with a
 positive_class); ``REPORT_ORDER``: what a test report lists, in order; ``TABLE_METRICS``: a short
 table's columns; ``VALIDATION_METRICS``: what a study can optimise, checkpoint on or constrain.

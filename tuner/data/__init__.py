@@ -1,7 +1,7 @@
 """Decoded, split, resampled and augmented images: everything before a network sees a batch.
 
-The names below are this folder's public face; each is imported from its module on first use
-(see ``tuner._exports``).
+The names imported below are this folder's public face; each is imported from its module on first
+use (see ``tuner._exports``).
 """
 
 from __future__ import annotations
@@ -10,28 +10,9 @@ from typing import TYPE_CHECKING
 
 from tuner._exports import lazy_exports
 
-_EXPORTS = {
-    "augment": ["AUGMENT_PRESETS", "AugmentConfig", "BatchAugment"],
-    "cache": ["cache_key", "cached_array"],
-    "dataset": ["Dataset", "Split", "load_dataset", "load_labelled_images"],
-    "device": ["DeviceData", "pooled", "training_pool"],
-    "imbalance": [
-        "IMBALANCE_STRATEGIES",
-        "SYNTHESIZING",
-        "Strategy",
-        "balanced_class_weights",
-        "epoch_indices",
-        "synthesize",
-        "target_counts",
-    ],
-    "loader": ["Normalize", "TensorSplit", "iterate_batches"],
-    "sources": ["CsvColumns", "decode_files"],
-    "splits": ["assign_folds", "assign_splits"],
-    "synthetic": ["make_synthetic"],
-}
-__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 
-if TYPE_CHECKING:  # the same names, for type checkers
+if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.data.augment import AUGMENT_PRESETS, AugmentConfig, BatchAugment
     from tuner.data.cache import cache_key, cached_array
     from tuner.data.dataset import Dataset, Split, load_dataset, load_labelled_images

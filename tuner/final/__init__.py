@@ -1,7 +1,7 @@
 """After the search: refit on train+val, ensembles, evaluation on the locked test set, reports.
 
-The names below are this folder's public face; each is imported from its module on first use
-(see ``tuner._exports``).
+The names imported below are this folder's public face; each is imported from its module on first
+use (see ``tuner._exports``).
 """
 
 from __future__ import annotations
@@ -10,16 +10,11 @@ from typing import TYPE_CHECKING
 
 from tuner._exports import lazy_exports
 
-_EXPORTS = {
-    "ensemble": ["run_ensemble"],
-    "evaluation": ["evaluate"],
-    "refit": ["run_refit"],
-    "report": ["study_report", "write_report"],
-}
-__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 
-if TYPE_CHECKING:  # the same names, for type checkers
+if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.final.ensemble import run_ensemble
     from tuner.final.evaluation import evaluate
     from tuner.final.refit import run_refit
     from tuner.final.report import study_report, write_report
+    from tuner.final.results import EnsembleReport, EnsembleRow, Estimate, EvaluationReport, RefitReport

@@ -18,7 +18,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -40,6 +39,7 @@ from tuner.final.evaluation import (
 )
 from tuner.final.replay import refit_one, replay_hparams, study_space
 from tuner.final.report import write_report
+from tuner.final.results import EnsembleReport, EnsembleRow
 from tuner.metric_names import TABLE_METRICS
 from tuner.search import STUDIES_DIR, SearchSpace, StudyKey, TrialKey, ranked_trials, run_settings, space_at_size
 from tuner.train import choose_threshold, plot_confusion, plot_roc_pr, resolve_device, train_model
@@ -158,7 +158,13 @@ def run_ensemble(
     force: bool = False,
     bootstrap: int = 1000,
     on_member: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+) -> EnsembleReport:
+    """Average the ``top_k`` best trials of ``studies`` (with ``per_model``, each architecture's best only).
+
+    Each member is replayed on the training split (its validation probabilities, averaged, set the
+    ensemble's threshold by the first study's rule), refit on train+validation like ``tuner refit``, and
+    the test split is read once; the report shows every member beside the ensemble.
+    """
     members = pick_members(studies, top_k, per_model)
     check_same_split(members)
     warnings = [w for m in members if (w := check_test_reuse(m.study, m.trial.number, allow_test_reuse))]
@@ -208,12 +214,12 @@ def run_ensemble(
             },
         )
 
-    def row(name: str, probs: torch.Tensor, thr: float | None, extra: dict) -> dict:
+    def row(name: str, probs: torch.Tensor, thr: float | None, extra: dict) -> EnsembleRow:
         assert dataset.test is not None
         metric_fn = test_metric_fn(dataset.class_names, dataset.positive_index, thr)
         metrics = metric_fn(probs, test_target)
         ci = bootstrap_ci([probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, bootstrap=bootstrap)
-        return {"name": name, **extra, "threshold": thr, "summary": summarize([metrics], ci), "metrics": metrics}
+        return EnsembleRow(name=name, threshold=thr, summary=summarize([metrics], ci), metrics=metrics, **extra)
 
     rows = [
         row(
@@ -232,45 +238,44 @@ def run_ensemble(
         for m, o in zip(members, outputs, strict=True)
     ]
     ensemble_row = row("ensemble", ensemble_test, threshold, {"members": [m.name for m in members]})
-    report = {
-        "studies": [s.study_name for s in studies],
-        "data": dataset.description,
-        "class_names": list(dataset.class_names),
-        "positive_class": None if positive is None else dataset.class_names[positive],
-        "threshold": threshold,
-        "threshold_rule": f"{rule.rule}, on the averaged validation probabilities of the replayed members",
-        "n_test": len(test_target),
-        "members": rows,
-        "ensemble": ensemble_row,
-        "summary": ensemble_row["summary"],
-        "metrics": ensemble_row["metrics"],
-        "test_set_reads": test_reads(members[0].study),
-    }
-    labelled = [*((r["name"], p) for r, p in zip(rows, test_probs, strict=True)), ("ensemble", ensemble_test)]
+    report = EnsembleReport(
+        studies=[s.study_name for s in studies],
+        data=dataset.description,
+        class_names=list(dataset.class_names),
+        positive_class=None if positive is None else dataset.class_names[positive],
+        threshold=threshold,
+        threshold_rule=f"{rule.rule}, on the averaged validation probabilities of the replayed members",
+        n_test=len(test_target),
+        members=rows,
+        ensemble=ensemble_row,
+        summary=ensemble_row.summary,
+        metrics=ensemble_row.metrics,
+        test_set_reads=test_reads(members[0].study),
+    )
+    labelled = [*((r.name, p) for r, p in zip(rows, test_probs, strict=True)), ("ensemble", ensemble_test)]
     write_predictions(out_dir / "predictions.csv", test_target, "model", labelled, dataset.class_names)
-    plot_confusion(ensemble_row["metrics"]["confusion_matrix"], dataset.class_names, out_dir / "confusion_matrix.png")
+    plot_confusion(ensemble_row.metrics["confusion_matrix"], dataset.class_names, out_dir / "confusion_matrix.png")
     if positive is not None and threshold is not None:  # binary
         plot_roc_pr(
             ensemble_test, test_target, positive_index=positive, threshold=threshold, path=out_dir / "roc_pr.png"
         )
-    write_report(out_dir, report, title=f"Ensemble of {', '.join(m.name for m in members)}")
+    write_report(out_dir, report.to_json(), title=f"Ensemble of {', '.join(m.name for m in members)}")
     _append_member_table(out_dir / "report.md", [*rows, ensemble_row])
     return report
 
 
-def _append_member_table(path: Path, rows: list[dict]) -> None:
+def _append_member_table(path: Path, rows: list[EnsembleRow]) -> None:
     """Members and the ensemble side by side, with each one's bootstrap 95% CI for AUROC."""
-    names = [m for m in TABLE_METRICS if m in rows[0]["summary"]]
+    names = [m for m in TABLE_METRICS if m in rows[0].summary]
     lines = ["", "## Members and ensemble on the test split", ""]
     lines.append("| model | val | " + " | ".join(names) + " | AUROC 95% CI |")
     lines.append("|---" * (len(names) + 3) + "|")
     for r in rows:
-        s = r["summary"]
-        val = f"{r['validation_value']:.4f}" if "validation_value" in r else ""
-        cells = [f"{s[n]['mean']:.4f}" for n in names]
-        auroc = s.get("auroc", {})
-        ci = f"[{auroc['ci_low']:.3f}, {auroc['ci_high']:.3f}]" if auroc.get("ci_low") is not None else ""
-        label = r["name"] if "model" not in r else f"{r['name']} ({r['model']})"
+        val = "" if r.validation_value is None else f"{r.validation_value:.4f}"
+        cells = [f"{r.summary[n].mean:.4f}" for n in names]
+        auroc = r.summary.get("auroc")
+        ci = f"[{auroc.ci_low:.3f}, {auroc.ci_high:.3f}]" if auroc is not None and auroc.ci_low is not None else ""
+        label = r.name if r.model is None else f"{r.name} ({r.model})"
         lines.append(f"| {label} | {val} | " + " | ".join(cells) + f" | {ci} |")
     with path.open("a") as fh:
         fh.write("\n".join(lines) + "\n")

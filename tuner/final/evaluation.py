@@ -20,6 +20,7 @@ import torch
 from tuner.data import Dataset, Normalize, TensorSplit, load_labelled_images
 from tuner.errors import TunerError
 from tuner.final.report import write_report
+from tuner.final.results import Estimate, EvaluationReport, Summary
 from tuner.metric_names import METRIC_NAMES, REPORT_ORDER
 from tuner.search import STUDIES_DIR, DataSettings, SearchSpace, StudyKey, prepare
 from tuner.train import average_probabilities, evaluation_report, load_model, plot_confusion, plot_roc_pr
@@ -84,19 +85,16 @@ def bootstrap_ci(
     return out
 
 
-def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> dict[str, dict[str, float | None]]:
+def summarize(per_seed: list[dict], ci: dict[str, tuple[float, float]]) -> Summary:
+    """Each metric's mean and sd over ``per_seed`` (one dict of metrics per seed), with its CI from ``ci``."""
     summary = {}
     for name in REPORT_ORDER:
         if name not in per_seed[0]:
             continue
         vals = [m[name] for m in per_seed]
         low, high = ci.get(name, (None, None))
-        summary[name] = {
-            "mean": float(np.mean(vals)),
-            "sd": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
-            "ci_low": low,
-            "ci_high": high,
-        }
+        sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        summary[name] = Estimate(mean=float(np.mean(vals)), sd=sd, ci_low=low, ci_high=high)
     return summary
 
 
@@ -166,7 +164,7 @@ def evaluate(
     cache_dir: Path = STUDIES_DIR / "cache",
     force: bool = False,
     bootstrap: int = 1000,
-) -> dict[str, Any]:
+) -> EvaluationReport:
     """Evaluate a saved model on a data source: its test split if it has one, else all of it."""
     saved = load_model(model_path)
     split, names, description, which = load_labelled_images(
@@ -192,21 +190,21 @@ def evaluate(
     ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, bootstrap=bootstrap)
     out_dir = out_dir or model_path.parent / "evaluate"
     prepare_out_dir(out_dir, force)
-    report = {
-        "model": str(model_path),
-        "data": description,
-        "split": which,
-        "n_test": len(target),
-        "threshold": saved.threshold,
-        "positive_class": None if saved.positive_index is None else saved.class_names[saved.positive_index],
-        "metrics": metrics,
-        "summary": summarize([metrics], ci),
-    }
+    report = EvaluationReport(
+        model=str(model_path),
+        data=description,
+        split=which,
+        n_test=len(target),
+        threshold=saved.threshold,
+        positive_class=None if saved.positive_index is None else saved.class_names[saved.positive_index],
+        metrics=metrics,
+        summary=summarize([metrics], ci),
+    )
     plot_confusion(metrics["confusion_matrix"], saved.class_names, out_dir / "confusion_matrix.png")
     if saved.positive_index is not None and len(saved.class_names) == 2:
         plot_roc_pr(
             probs, target, positive_index=saved.positive_index, threshold=threshold, path=out_dir / "roc_pr.png"
         )
     write_predictions(out_dir / "predictions.csv", target, "seed", [(saved.info["seed"], probs)], saved.class_names)
-    write_report(out_dir, report, title=f"Evaluation of {model_path} on {description}")
+    write_report(out_dir, report.to_json(), title=f"Evaluation of {model_path} on {description}")
     return report

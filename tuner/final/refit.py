@@ -14,7 +14,6 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import optuna
 import torch
@@ -30,6 +29,7 @@ from tuner.final.evaluation import (
 from tuner.final.replay import SEED_STRIDE, pick_trial, replay_hparams, run_seed, save_refit_model, study_space
 from tuner.final.report import write_report
 from tuner.final.rescore import rescore
+from tuner.final.results import RefitReport
 from tuner.final.scoring import score_runs, write_refit_predictions
 from tuner.search import (
     STUDIES_DIR,
@@ -77,8 +77,8 @@ def run_refit(
     bootstrap: int = 1000,
     on_model: Callable[[int, int], None] | None = None,
     top_k: int | None = None,
-) -> dict[str, Any]:
-    """Retrain ``trial`` on train+val with ``seeds`` seeds, evaluate once on test, write the report.
+) -> RefitReport:
+    """Retrain the chosen trial (``trial_number``, else the best) on train+val with ``seeds`` seeds, evaluate once on test, write the report.
 
     With ``folds`` K, each seed trains K networks, each on all folds of train+val but one, and the
     binary threshold is chosen by the study's rule on their out-of-fold probabilities (the same
@@ -163,39 +163,40 @@ def run_refit(
         provenance={"study": study.study_name, "trial": trial.number, "folds": folds},
         tta=tta,
     )
-    report = {
-        "study": study.study_name,
-        "trial": trial.number,
-        "params": trial.params,
-        "hparams": hparams.model_dump(mode="json"),
-        "validation_value": trial.value,
-        "metric": space.study.metric,
-        "constraint_values": trial.user_attrs.get(TrialKey.CONSTRAINT_VALUES),  # the trial's, within study.constraints
-        "data": dataset.description,
-        "class_names": list(dataset.class_names),
-        "positive_class": None if positive is None else dataset.class_names[positive],
-        "threshold": final_threshold,
-        "threshold_rule": (
+    report = RefitReport(
+        study=study.study_name,
+        trial=trial.number,
+        params=trial.params,
+        hparams=hparams.model_dump(mode="json"),
+        validation_value=trial.value,
+        metric=space.study.metric,
+        constraint_values=trial.user_attrs.get(TrialKey.CONSTRAINT_VALUES),
+        data=dataset.description,
+        class_names=list(dataset.class_names),
+        positive_class=None if positive is None else dataset.class_names[positive],
+        threshold=final_threshold,
+        threshold_rule=(
             f"{rule.rule} on the out-of-fold probabilities of train+val ({folds} folds)"
             if folds and binary
             else f"{rule.rule} on validation, for the trial's own model (frozen)"
         ),
-        "epochs": epochs,
-        "epochs_rule": "the trial's best epoch; LR schedule planned over the trial's max_epochs",
-        "seeds": seed_list,
-        "folds": folds,
-        "tta": tta,
-        "rescoring": rescored,
-        "n_train": len(dataset.train.labels) + len(dataset.val.labels),
-        "n_test": len(dataset.test.labels),
-        "bootstrap": {"resamples": bootstrap, "grouped": dataset.test.groups is not None},
-        "summary": scores.summary,
-        "per_seed": scores.per_seed,
-        "single_network": scores.single_network,
-        "final": scores.final,  # what model.pt holds and evaluate / predict reproduce
-        "final_summary": scores.final_summary,
-        "test_set_reads": test_reads(study),
-    }
+        epochs=epochs,
+        epochs_rule="the trial's best epoch; LR schedule planned over the trial's max_epochs",
+        seeds=seed_list,
+        folds=folds,
+        tta=tta,
+        networks=scores.final["networks"],
+        rescoring=rescored,
+        n_train=len(dataset.train.labels) + len(dataset.val.labels),
+        n_test=len(dataset.test.labels),
+        bootstrap={"resamples": bootstrap, "grouped": dataset.test.groups is not None},
+        summary=scores.summary,
+        per_seed=scores.per_seed,
+        single_network=scores.single_network,
+        final=scores.final,
+        final_summary=scores.final_summary,
+        test_set_reads=test_reads(study),
+    )
     write_refit_predictions(out_dir, dataset, seed_list, runs, scores.final_probs)
     _plots(
         out_dir,
@@ -208,7 +209,7 @@ def run_refit(
         positive,
         final_threshold,
     )
-    write_report(out_dir, report, title=f"Refit of trial {trial.number} of study {study.study_name}")
+    write_report(out_dir, report.to_json(), title=f"Refit of trial {trial.number} of study {study.study_name}")
     return report
 
 

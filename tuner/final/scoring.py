@@ -17,6 +17,7 @@ from tuner.final.evaluation import (
     write_predictions,
 )
 from tuner.final.replay import SeedRun
+from tuner.final.results import Summary
 from tuner.search import (
     ThresholdSettings,
 )
@@ -37,11 +38,11 @@ class RefitScores:
     network alone (each seed's first, no TTA), so that what averaging adds is final minus this."""
 
     per_seed: list[dict]
-    summary: dict
+    summary: Summary
     final: dict
-    final_summary: dict
+    final_summary: Summary
     final_probs: torch.Tensor
-    single_network: dict | None
+    single_network: Summary | None
 
 
 def score_runs(

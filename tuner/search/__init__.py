@@ -1,8 +1,8 @@
 """What a study needs: the space file and its suggestions, samplers and pruners, the objective, storage,
 workers and their supervision, warm start and trial artifacts.
 
-The names below are this folder's public face; each is imported from its module on first use
-(see ``tuner._exports``).
+The names imported below are this folder's public face; each is imported from its module on first
+use (see ``tuner._exports``).
 """
 
 from __future__ import annotations
@@ -11,28 +11,9 @@ from typing import TYPE_CHECKING
 
 from tuner._exports import lazy_exports
 
-_EXPORTS = {
-    "objective": ["Objective", "run_settings"],
-    "space": [
-        "DataSettings",
-        "SearchSpace",
-        "ThresholdSettings",
-        "iter_specs",
-        "load_space",
-        "parse_assignments",
-        "parse_space",
-        "suggest",
-    ],
-    "storage": ["STUDIES_DIR", "copy_study", "default_storage", "load_existing_study", "open_storage", "redact"],
-    "keys": ["StudyKey", "TrialKey"],
-    "study": ["best_trial", "best_value", "feasibility", "feasible", "ranked_trials", "trial_summary"],
-    "trial_data": ["TrialData", "prepare", "space_at_size"],
-    "budget": ["TrialBudget"],
-    "supervisor": ["run_optimize"],
-}
-__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 
-if TYPE_CHECKING:  # the same names, for type checkers
+if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.search.budget import TrialBudget
     from tuner.search.keys import StudyKey, TrialKey
     from tuner.search.objective import Objective, run_settings

@@ -1,8 +1,9 @@
 """The Optuna objective: hyperparameters -> trained model(s) -> validation metric.
 
-It is a thin caller of :func:`tuner.training.train_model`: it draws hyperparameters, trains with a
-per-epoch callback that reports to the pruner, and stores the whole per-epoch history and timings as
-user attributes, so the dashboard and refit need nothing else. A fault in one trial (NaN loss, CUDA
+It draws hyperparameters, trains through :func:`tuner.train.train_model` (hold-out, or every fold of a
+cross-validated objective) with a per-epoch callback that reports to the pruner, chooses the operating
+point on validation, judges ``study.constraints``, and stores the whole per-epoch history and timings
+as user attributes, so the dashboard and refit need nothing else. A fault in one trial (NaN loss, CUDA
 out-of-memory, an impossible combination) ends that trial with its reason; the study goes on.
 """
 

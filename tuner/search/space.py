@@ -2,9 +2,12 @@
 
 A space file has four sections::
 
-    study:  name, metric, direction, sampler, pruner, n_trials, timeout
-    data:   source, image_size, channels, fractions, groups, label aliases, positive class
-    train:  max_epochs, patience, device, amp, seed
+    study:  name, metric, direction, sampler, pruner, n_trials, timeout, threshold, cv_folds,
+            artifacts, save_checkpoints, stop, constraints
+    data:   source, image_size, channels, val/test fractions, split_seed, group and hard-example
+            columns, csv, extra_train, label_aliases, positive_class, synthetic
+    train:  max_epochs, patience, checkpoint_metric, device, amp, channels_last, seed,
+            eval_batch_size, min_batch_size
     params: every hyperparameter either fixed (``lr: 0.001``) or searched:
             ``lr: {low: 1.0e-4, high: 1.0e-2, log: true}``
             ``optimizer: {choices: [adam, sgd]}``

@@ -1,19 +1,18 @@
-"""``study.stop``: end a search that stopped improving, built on ``optuna.terminator``.
+"""``study.stop``: end a search that stopped improving.
 
-Optuna's :class:`~optuna.terminator.BestValueStagnationEvaluator` counts completed trials since the best
-one. tuner's rule asks a little more of a trial before it counts as progress, so the evaluator below
-extends it: the last ``patience`` finished trials of this run (pruned ones included: a pruned trial is
-one that did not improve) must beat the best value found before them by ``min_delta``, and only trials
-within ``study.constraints`` count as values.
+The rule is Optuna's best-value stagnation (``BestValueStagnationEvaluator`` of its terminator) with a
+minimum gain: the search stops once the last ``patience`` finished trials of this run (pruned ones
+included: a pruned trial is one that did not improve) did not beat the best value found before them by
+``min_delta``; only trials within ``study.constraints`` count as values. It is written here, in the
+shape of Optuna's improvement evaluators, rather than on ``optuna.terminator``: that module is
+deprecated since Optuna 4.9 and goes in 6.0 (optuna/optuna#6668), and its OptunaHub port is fetched
+over the network when loaded, which a study on an offline cluster node cannot do.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import optuna
 from optuna.study import StudyDirection
-from optuna.terminator import BestValueStagnationEvaluator, StaticErrorEvaluator, Terminator
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.search.keys import StudyKey
@@ -21,16 +20,15 @@ from tuner.search.space import SearchSpace
 from tuner.search.study import FINISHED, feasible
 
 
-class MinDeltaStagnation(BestValueStagnationEvaluator):
+class MinDeltaStagnation:
     """Best-value stagnation with a minimum gain, over the finished trials numbered ``began`` or later.
 
-    :meth:`evaluate` returns ``patience - 1 - k`` for the longest run of ``k`` latest finished trials none
-    of which beat the best value before them by ``min_delta``; Optuna's :class:`Terminator` stops when
-    it falls below its error evaluator's 0, that is after ``patience`` such trials.
+    :meth:`evaluate` returns the room left, ``patience - 1 - k``, for the longest run of ``k`` latest
+    finished trials none of which beat the best value before them by ``min_delta``; as with Optuna's
+    improvement evaluators, the search should stop once it falls below 0, after ``patience`` such trials.
     """
 
     def __init__(self, patience: int, min_delta: float, *, began: int = 0) -> None:
-        super().__init__(max_stagnation_trials=patience)
         self.patience, self.min_delta, self.began = patience, min_delta, began
         self.best_before: float | None = None  # the best value the stagnant trials did not beat
 
@@ -62,12 +60,9 @@ def stagnation(study: optuna.Study, space: SearchSpace) -> str | None:
     if stop is None:
         return None
     began = int(study.user_attrs.get(StudyKey.RUN_BEGAN_AT, 0))
-    with warnings.catch_warnings():  # experimental in Optuna
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        evaluator = MinDeltaStagnation(stop.patience, stop.min_delta, began=began)
-        terminator = Terminator(evaluator, StaticErrorEvaluator(constant=0.0), min_n_trials=1)
-        if not terminator.should_terminate(study):
-            return None
+    evaluator = MinDeltaStagnation(stop.patience, stop.min_delta, began=began)
+    if evaluator.evaluate(study.get_trials(deepcopy=False), study.direction) >= 0:
+        return None
     return (
         f"{space.study.metric} did not improve by {stop.min_delta} in the last {stop.patience} finished trials "
         f"(best {evaluator.best_before:.4g})"

@@ -118,6 +118,24 @@ def run_optimize(
         work(**common, callbacks=callbacks, dataset=dataset, threads=threads, gpu=gpu, on_epoch=on_epoch)
         return study
 
+    return _supervise(study, budget, common, n_workers, slots, threads, callbacks, on_epoch)
+
+
+def _supervise(
+    study: optuna.Study,
+    budget: TrialBudget,
+    common: dict[str, Any],
+    n_workers: int,
+    slots: list[int],
+    threads: int,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+    on_epoch: EpochProgress | None,
+) -> optuna.Study:
+    """Start ``n_workers`` worker processes and watch them until none is left: a worker that died is
+    recovered (its trial failed and re-queued) and replaced while trials are left; finished trials and
+    running epochs are reported from the storage."""
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+
     def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
         # Sampler seeds differ per worker and per replacement, so no two draw the same sequence.
         kwargs = {**common, "sampler_seed_offset": i + n_workers * respawn, "threads": threads}
@@ -126,7 +144,6 @@ def run_optimize(
         proc.start()
         return proc
 
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     running = {i: start(i, 0) for i in range(n_workers)}
     respawns = dict.fromkeys(running, 0)
     seen: set[int] = set()

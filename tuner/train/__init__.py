@@ -1,8 +1,8 @@
 """What one network needs: its hyperparameters, model, loss, optimizer and schedule, the loop, metrics,
 inference and the saved model. Knows nothing about Optuna or search spaces.
 
-The names below are this folder's public face; each is imported from its module on first use
-(see ``tuner._exports``).
+The names imported below are this folder's public face; each is imported from its module on first
+use (see ``tuner._exports``).
 """
 
 from __future__ import annotations
@@ -11,21 +11,9 @@ from typing import TYPE_CHECKING
 
 from tuner._exports import lazy_exports
 
-_EXPORTS = {
-    "build": ["RunSettings", "build_classifier", "build_components", "model_normalization", "seed_everything"],
-    "checkpoint": ["SavedModel", "load_model", "save_model"],
-    "hparams": ["BEFORE_ADDED", "Hyperparameters", "renamed", "upgrade", "upgrade_stored"],
-    "inference": ["TTA_VIEWS", "average_probabilities"],
-    "loop": ["FitResult", "NonFiniteLossError", "fit", "predict", "resolve_device"],
-    "metrics": ["choose_threshold", "classification_metrics", "evaluation_report"],
-    "models": ["Classifier", "build_model", "check_model_name"],
-    "weights": ["package_file", "resolve_pretrained"],
-    "plots": ["per_class_csv", "plot_confusion", "plot_history", "plot_roc_pr", "save_figure"],
-    "run": ["OutOfMemory", "free_memory", "train_model"],
-}
-__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+__getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 
-if TYPE_CHECKING:  # the same names, for type checkers
+if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.train.build import (
         RunSettings,
         build_classifier,

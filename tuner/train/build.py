@@ -51,7 +51,7 @@ def loss_class_weights(hparams: Hyperparameters, data: DeviceData, labels: np.nd
 @dataclass(frozen=True)
 class RunSettings:
     """How the loop runs, the same for every trial of a study (from the space's ``train`` section);
-    what varies per trial is in its :class:`~tuner.hparams.Hyperparameters`."""
+    what varies per trial is in its :class:`~tuner.train.hparams.Hyperparameters`."""
 
     max_epochs: int
     patience: int | None
