@@ -1,4 +1,4 @@
-"""The samplers and pruners a space file can name: one registry each, name -> builder.
+"""The samplers and pruners a space file can name: one registry each, name -> a small record.
 
 The schema's allowed names (``study.sampler.name``, ``study.pruner.name``) and the error
 messages come from these keys. Optuna is imported when a study is built, not when a space
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -42,7 +43,21 @@ def _cmaes(seed: int, n_startup_trials: int) -> Any:
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
-SAMPLERS: dict[str, Callable[[int, int], Any]] = {"tpe": _tpe, "random": _random, "gp": _gp, "cmaes": _cmaes}
+@dataclass(frozen=True)
+class SamplerInfo:
+    """A registered sampler: what builds it (from a seed and a number of start-up trials), and whether it
+    steers by ``study.constraints`` (Optuna's constraint mechanism) or samples without regard to them."""
+
+    build: Callable[[int, int], Any]
+    uses_constraints: bool
+
+
+SAMPLERS: dict[str, SamplerInfo] = {
+    "tpe": SamplerInfo(_tpe, uses_constraints=True),
+    "random": SamplerInfo(_random, uses_constraints=False),
+    "gp": SamplerInfo(_gp, uses_constraints=True),
+    "cmaes": SamplerInfo(_cmaes, uses_constraints=False),
+}
 
 
 def _hyperband(max_epochs: int, **kwargs: Any) -> Any:
@@ -70,22 +85,28 @@ def _optuna_pruner(class_name: str) -> Callable[..., Any]:
     return build
 
 
-# Each takes the run's max_epochs and the pruner's own settings from the space file.
-PRUNERS: dict[str, Callable[..., Any]] = {
-    "median": _optuna_pruner("MedianPruner"),
-    "percentile": _optuna_pruner("PercentilePruner"),
-    "successive_halving": _optuna_pruner("SuccessiveHalvingPruner"),
-    "hyperband": _hyperband,
-    "wilcoxon": _wilcoxon,
-    "none": _optuna_pruner("NopPruner"),
+@dataclass(frozen=True)
+class PrunerInfo:
+    """A registered pruner: what builds it, from the run's max_epochs and its own settings in the space file."""
+
+    build: Callable[..., Any]
+
+
+PRUNERS: dict[str, PrunerInfo] = {
+    "median": PrunerInfo(_optuna_pruner("MedianPruner")),
+    "percentile": PrunerInfo(_optuna_pruner("PercentilePruner")),
+    "successive_halving": PrunerInfo(_optuna_pruner("SuccessiveHalvingPruner")),
+    "hyperband": PrunerInfo(_hyperband),
+    "wilcoxon": PrunerInfo(_wilcoxon),
+    "none": PrunerInfo(_optuna_pruner("NopPruner")),
 }
 
 
 def build_sampler(settings: Any) -> Any:
     """The sampler a space's ``study.sampler`` names, with its seed and start-up trials."""
-    return SAMPLERS[settings.name](settings.seed, settings.n_startup_trials)
+    return SAMPLERS[settings.name].build(settings.seed, settings.n_startup_trials)
 
 
 def build_pruner(settings: Any, max_epochs: int) -> Any:
     """The pruner a space's ``study.pruner`` names, with its options."""
-    return PRUNERS[settings.name](max_epochs, **settings.model_dump(exclude={"name"}))
+    return PRUNERS[settings.name].build(max_epochs, **settings.model_dump(exclude={"name"}))

@@ -26,6 +26,7 @@ from tuner.search.budget import TrialBudget, open_trials
 from tuner.search.keys import StudyKey
 from tuner.search.objective import EpochProgress
 from tuner.search.resources import gpu_slots, threads_per_worker
+from tuner.search.samplers import SAMPLERS
 from tuner.search.space import SearchSpace
 from tuner.search.storage import STUDIES_DIR, open_storage, parse_storage_url, redact
 from tuner.search.study import open_study
@@ -96,6 +97,11 @@ def run_optimize(
         _check_joinable(space.study.name, storage_url)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
     study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat)
+    if space.study.constraints and not SAMPLERS[space.study.sampler.name].uses_constraints:
+        log.warning(
+            "sampler %r draws without regard to study.constraints; they still decide which trial is best",
+            space.study.sampler.name,
+        )
     if warm_start_from is not None and not join:
         for line in warm_start(study, space, warm_start_from, top_k=warm_start_top_k):
             log.warning("%s", line)
