@@ -84,8 +84,8 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     metric = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric", "value")
-    # Trials outside study.constraints are never the best: the feasible ones rank first.
-    ranked = ranked_trials(study) + [t for t in ranked_trials(study, feasible_only=False) if not feasible(t)]
+    # Trials outside study.constraints are never the best: the feasible ones rank first (a stable sort).
+    ranked = sorted(ranked_trials(study, feasible_only=False), key=lambda t: not feasible(t))
     importances: dict[str, float] = {}
     if len(completed) >= 2:
         try:

@@ -40,8 +40,6 @@ class TrialKey:
     RETRY_OF: Final = "retry_of"
     CRASH_RETRIES: Final = "crash_retries"
     WARM_START_FROM: Final = "warm_start_from"
-    # Written by tuner 0.1 beside Optuna's constraints; read by nothing now.
-    FEASIBLE: Final = "feasible"
 
 
 class StudyKey:

@@ -91,7 +91,7 @@ class Objective:
         self.space = space
         self.data = data
         self.folds = folds or []
-        self.trial_data = trial_data  # the data at other image trial_data, when image_size is a hyperparameter
+        self.trial_data = trial_data  # the data at other image sizes, when image_size is a hyperparameter
         self.class_names = class_names or tuple(str(i) for i in range(data.num_classes))
         self.artifacts = (
             None

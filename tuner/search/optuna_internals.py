@@ -21,6 +21,8 @@ from optuna.distributions import BaseDistribution
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from tuner.search.keys import TrialKey
+
 
 def storage_of(study: optuna.Study) -> BaseStorage:
     """The storage a loaded study reads and writes through (``Study._storage``)."""
@@ -62,7 +64,7 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
     belong to its worker). False if it had finished meanwhile (a heartbeat check elsewhere got there first)."""
     storage = storage_of(study)
     try:
-        storage.set_trial_system_attr(trial_id(trial), "fail_reason", reason)
+        storage.set_trial_system_attr(trial_id(trial), TrialKey.FAIL_REASON, reason)
         return storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return False
