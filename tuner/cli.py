@@ -235,6 +235,16 @@ def optimize(
                 warm_start_top_k=top_k,
                 plan=plan,
             )
+        except interrupts.Preempted as stop:
+            display.progress.stop()
+            again = "the same command" if join else "the same command with --join"
+            err.print(
+                f"stopped by {stop.signal_name}: {stop.message}; to go on, run {again}",
+                highlight=False,
+                soft_wrap=True,
+                markup=False,
+            )
+            _exit_interrupted(stop.exit_code)
         except KeyboardInterrupt:
             display.progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
@@ -312,17 +322,17 @@ class StudyProgress:
             self.progress.update(self.epochs, description=line, completed=epoch, total=self.max_epochs)
 
 
-def _exit_interrupted() -> NoReturn:
-    """Exit 130 now, even if Ctrl-C landed where a library had just started a worker thread (Optuna's
-    heartbeat) that nothing will stop: such a thread would keep the process alive for ever."""
+def _exit_interrupted(code: int = 130) -> NoReturn:
+    """Exit with ``code`` now (130: Ctrl-C), even if the stop landed where a library had just started a
+    worker thread (Optuna's heartbeat) that nothing will stop: such a thread would keep the process alive."""
     lingering = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
     for thread in lingering:
         thread.join(timeout=2)
     if any(t.is_alive() for t in lingering):
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(130)
-    raise typer.Exit(code=130)
+        os._exit(code)
+    raise typer.Exit(code=code)
 
 
 def _progress(quiet: bool) -> Progress:

@@ -1,25 +1,61 @@
-"""Ctrl-C that is never lost.
+"""Ctrl-C that is never lost, and preemption (SIGTERM, SIGUSR1) that loses nothing.
 
 Python raises ``KeyboardInterrupt`` wherever the main thread happens to be when SIGINT arrives. When
 that is a weakref callback or a ``__del__`` run by the garbage collector (SQLAlchemy and torch
 register many), the exception is printed as "ignored" and training simply goes on. The handler here
 also records the request, and :func:`raise_if_interrupted`, called at every epoch's end and between
 trials, raises it again at a point where it cannot be swallowed.
+
+SIGTERM (``scancel``, a cluster's preemption, ``docker stop``, a pod eviction) and SIGUSR1 (which
+Slurm's ``--signal`` sends ahead of a time limit) are different: the sender waits a grace period and
+then kills. Inside :func:`preemptible` they only record the request; the training loop looks at
+:func:`preempted` before every batch, saves the running trial's state and stops, and the process
+ends with the conventional status (128 + the signal's number).
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 _requested = False
+_preempted_by: int | None = None
+
+
+class Preempted(KeyboardInterrupt):
+    """This process was asked to stop (SIGTERM, SIGUSR1) and stopped at a safe point.
+
+    A ``KeyboardInterrupt`` so that nothing that catches ``Exception`` (Optuna's ``catch``) mistakes it
+    for a trial's fault. ``message`` says what was saved and how to go on."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     global _requested
     _requested = True
     raise KeyboardInterrupt
+
+
+def _on_preempt(signum: int, frame: FrameType | None) -> None:
+    global _preempted_by
+    _preempted_by = _preempted_by or signum
 
 
 def install() -> None:
@@ -30,6 +66,34 @@ def install() -> None:
         signal.signal(signal.SIGINT, _on_sigint)
 
 
+@contextlib.contextmanager
+def preemptible() -> Iterator[None]:
+    """Within: SIGTERM and SIGUSR1 are recorded, to be acted on at the next batch (see :func:`preempted`).
+    Outside, they keep their default (end the process at once): a command that never looks at the
+    request must not ignore it."""
+    global _preempted_by
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _preempted_by = None
+    before = {signum: signal.signal(signum, _on_preempt) for signum in PREEMPT_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+
+
+def preempted() -> int | None:
+    """The signal that asked this process to stop, if one did (inside :func:`preemptible`)."""
+    return _preempted_by
+
+
 def raise_if_interrupted() -> None:
     if _requested:
         raise KeyboardInterrupt
+
+
+def raise_if_preempted(message: str = "") -> None:
+    if _preempted_by is not None:
+        raise Preempted(_preempted_by, message)

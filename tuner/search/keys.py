@@ -37,7 +37,9 @@ class TrialKey:
     OUT_OF_MEMORY_AT: Final = "out_of_memory_at"
     BATCH_SIZE_RUN: Final = "batch_size_run"
     ACCUMULATE_STEPS_RUN: Final = "accumulate_steps_run"
-    RETRY_OF: Final = "retry_of"
+    RETRY_OF: Final = "retry_of"  # the number of the trial as first run
+    PREEMPTED: Final = "preempted"  # {epoch, state}: stopped by SIGTERM / SIGUSR1, its state saved there
+    RESUMED_AT: Final = "resumed_at_epoch"  # a preempted trial's retry went on after this epoch
     CRASH_RETRIES: Final = "crash_retries"
     WARM_START_FROM: Final = "warm_start_from"
 

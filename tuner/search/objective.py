@@ -21,16 +21,19 @@ import numpy as np
 import optuna
 import torch
 
+from tuner import interrupts
 from tuner.data import DeviceData
 from tuner.errors import TunerError
 from tuner.search.artifacts import TrialArtifacts
 from tuner.search.keys import TrialKey
+from tuner.search.preemption import Resume, SavedTrials, TrialPreempted, original_number
 from tuner.search.resources import GPU_ENV, worker_name
 from tuner.search.space import SearchSpace, suggest
 from tuner.search.trial_data import TrialData
 from tuner.train import (
     FitResult,
     Hyperparameters,
+    Interrupted,
     NonFiniteLossError,
     OutOfMemory,
     RunSettings,
@@ -86,6 +89,7 @@ class Objective:
         folds: list[DeviceData] | None = None,
         on_epoch: EpochProgress | None = None,
         trial_data: TrialData | None = None,
+        saved: SavedTrials | None = None,
     ) -> None:
         self.on_epoch = on_epoch  # told (trial, epoch, metric value) after each epoch: progress display
         self.space = space
@@ -105,16 +109,28 @@ class Objective:
             )
         )
         self.metric = space.study.metric
+        self.saved = saved  # preempted trials' states; None: trials stop only when the process ends
         self.settings = run_settings(space)
         if trial_data is not None:  # features of a frozen backbone go to the disk cache beside the pixels
             self.settings = replace(self.settings, feature_cache=trial_data.cache_dir)
 
     def __call__(self, trial: optuna.Trial) -> float:
         hparams = suggest(trial, self.space)
-        return self.run(trial, hparams, seed=self.space.train.seed + trial.number)
+        resume = None if self.saved is None else self.saved.load(trial, hparams)
+        # A retry is the same trial again: the original's seed, so it ends as the original would have.
+        seed = resume.seed if resume is not None else self.space.train.seed + original_number(trial)
+        return self.run(trial, hparams, seed=seed, resume=resume)
 
-    def run(self, trial: optuna.Trial | optuna.trial.FixedTrial, hparams: Hyperparameters, seed: int) -> float:
-        """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value."""
+    def run(
+        self,
+        trial: optuna.Trial | optuna.trial.FixedTrial,
+        hparams: Hyperparameters,
+        seed: int,
+        resume: Resume | None = None,
+    ) -> float:
+        """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value.
+
+        ``resume``: a preempted trial's saved state, to go on from its epoch (hold-out)."""
         trial.set_user_attr(TrialKey.SEED, seed)
         trial.set_user_attr(TrialKey.HPARAMS, hparams.model_dump(mode="json"))
         trial.set_user_attr(TrialKey.WORKER, worker_name())  # which machine and process ran it
@@ -122,11 +138,14 @@ class Objective:
         if os.environ.get(GPU_ENV) is not None:
             trial.set_user_attr(TrialKey.VISIBLE_GPUS, os.environ[GPU_ENV])  # the GPU(s) that worker was given
         history: dict[str, list[float]] = {}
+        folds: list[DeviceData] = []
         try:
             data, folds = self._data_for(hparams)
             if folds:
                 return self._cross_validate(trial, hparams, seed, history, folds)
-            return self._holdout(trial, hparams, seed, history, data)
+            return self._holdout(trial, hparams, seed, history, data, resume)
+        except Interrupted as stopped:
+            raise self._preempted(trial, hparams, seed, stopped, keep=not folds) from None
         except NonFiniteLossError as err:
             trial.set_user_attr(TrialKey.HISTORY, history)
             trial.set_user_attr(TrialKey.PRUNE_REASON, str(err))
@@ -140,10 +159,47 @@ class Objective:
             raise optuna.TrialPruned(str(err)) from None
         except TunerError as err:
             reason = str(err)
+        finally:
+            if resume is not None and self.saved is not None and isinstance(trial, optuna.Trial):
+                if not interrupts.preempted():  # ended (or failed) for good: its saved state is spent
+                    self.saved.discard(trial)
         free_memory()
         trial.set_user_attr(TrialKey.HISTORY, history)
         trial.set_user_attr(TrialKey.FAIL_REASON, reason)
         raise TrialFault(reason)
+
+    def _stop(self) -> Callable[[], object] | None:
+        """What the loop asks before each batch: whether this process was preempted (in a worker)."""
+        return interrupts.preempted if self.saved is not None else None
+
+    def _preempted(
+        self, trial: Any, hparams: Hyperparameters, seed: int, stopped: Interrupted, *, keep: bool
+    ) -> TrialPreempted:
+        """Save the state of the last complete epoch (``keep``: hold-out; a cross-validated trial starts
+        again), record why the trial stops, and say how its retry finds the state."""
+        signum = interrupts.preempted() or 15
+        snapshot = stopped.snapshot
+        epoch = snapshot.progress.epoch if keep else 0
+        path = None
+        if epoch > 0 and self.saved is not None:
+            history = {k: list(v) for k, v in snapshot.progress.history.items()}
+            path = self.saved.save(trial, seed=seed, hparams=hparams, history=history, snapshot=snapshot)
+        if path is None:
+            epoch = 0
+        trial.set_user_attr(TrialKey.HISTORY, snapshot.progress.history if keep else {})
+        trial.set_user_attr(TrialKey.PREEMPTED, {"epoch": epoch, "state": None if path is None else str(path)})
+        # Optuna logs a failed trial with its traceback; this one stops on purpose, and says so itself.
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        where = f"saved after epoch {epoch}" if epoch else "to start again"
+        return TrialPreempted(
+            signum,
+            f"trial {trial.number} {where}",
+            params=dict(trial.params),
+            retry_attrs={
+                TrialKey.RETRY_OF: original_number(trial),
+                TrialKey.CRASH_RETRIES: int(trial.user_attrs.get(TrialKey.CRASH_RETRIES, 0)),
+            },
+        )
 
     def _data_for(self, hparams: Hyperparameters) -> tuple[DeviceData, list[DeviceData]]:
         if hparams.image_size in (None, self.data.image_size):
@@ -171,7 +227,9 @@ class Objective:
         trial.set_user_attr(TrialKey.PRUNE_REASON, reason)
         raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
 
-    def _holdout(self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, data: DeviceData) -> float:
+    def _holdout(
+        self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, data: DeviceData, resume: Resume | None
+    ) -> float:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
@@ -183,8 +241,21 @@ class Objective:
             if trial.should_prune():
                 self._prune(trial, history, f"pruned at epoch {epoch}", value)
 
+        if resume is not None:  # the epochs before the stop, as they were reported then
+            history.update({k: list(v) for k, v in resume.history.items()})
+            for epoch, value in enumerate(history.get(self.metric, []), 1):
+                if math.isfinite(value):
+                    trial.report(value, epoch)
+            trial.set_user_attr(TrialKey.RESUMED_AT, resume.epoch)
         _, result = train_model(
-            hparams, data, self.settings, seed=seed, on_epoch=on_epoch, on_retry=self._retry(trial, history)
+            hparams,
+            data,
+            self.settings,
+            seed=seed,
+            on_epoch=on_epoch,
+            on_retry=self._retry(trial, history),
+            stop=self._stop(),
+            start=None if resume is None else resume.snapshot,
         )
         self._record(trial, result, result.history, result.best_epoch)
         self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
@@ -202,7 +273,9 @@ class Objective:
         targets: list[torch.Tensor] = []
         first = None
         for fold, data in enumerate(folds):
-            _, result = train_model(hparams, data, self.settings, seed=seed, on_retry=self._retry(trial, history))
+            _, result = train_model(
+                hparams, data, self.settings, seed=seed, on_retry=self._retry(trial, history), stop=self._stop()
+            )
             first = first or result
             value = self._value(result)
             values.append(value)

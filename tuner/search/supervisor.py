@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +47,9 @@ def _worker_main(kwargs: dict) -> None:
     interrupts.install()
     try:
         work(**kwargs)
+    except interrupts.Preempted as stop:
+        log.warning("stopped by %s: %s", stop.signal_name, stop.message)
+        sys.exit(stop.exit_code)
     except KeyboardInterrupt:
         pass
     except TunerError as err:  # a deliberate stop (e.g. every trial failing): not a death to recover from
@@ -154,27 +158,54 @@ def _supervise(
     respawns = dict.fromkeys(running, 0)
     seen: set[int] = set()
     try:
-        while running:
-            for i, proc in list(running.items()):
-                if proc.is_alive():
-                    continue
-                del running[i]
-                if proc.exitcode in (0, WORKER_STOPPED):
-                    continue
-                _recover(study, proc, i)
-                if respawns[i] < MAX_RESPAWNS and (budget.left() > 0 or open_trials(study)):
-                    respawns[i] += 1
-                    running[i] = start(i, respawns[i])
-            _report_new(study, seen, callbacks)
-            if on_epoch is not None:
-                _report_running(study, on_epoch)
-            time.sleep(POLL_SECONDS)
+        with interrupts.preemptible():
+            _watch(study, budget, running, respawns, seen, start, callbacks, on_epoch)
     except KeyboardInterrupt:
         for proc in running.values():
             proc.join(timeout=30)
         raise
     _report_new(study, seen, callbacks)
     return study
+
+
+def _watch(
+    study: optuna.Study,
+    budget: TrialBudget,
+    running: dict[int, multiprocessing.process.BaseProcess],
+    respawns: dict[int, int],
+    seen: set[int],
+    start: Callable[[int, int], multiprocessing.process.BaseProcess],
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]],
+    on_epoch: EpochProgress | None,
+) -> None:
+    """Until no worker is left: recover and replace the ones that died, report progress. Preempted
+    (SIGTERM, SIGUSR1, to this process or to all of the job's), the workers are told, if the signal
+    did not reach them, and waited for while they save their trials."""
+    while running:
+        signum = interrupts.preempted()
+        if signum is not None:
+            for proc in running.values():
+                if proc.is_alive() and proc.pid is not None:
+                    os.kill(proc.pid, signum)
+            for proc in running.values():
+                proc.join()
+            running.clear()
+            _report_new(study, seen, callbacks)
+            interrupts.raise_if_preempted("the running trials were saved and queued to resume")
+        for i, proc in list(running.items()):
+            if proc.is_alive():
+                continue
+            del running[i]
+            if proc.exitcode in (0, WORKER_STOPPED):
+                continue
+            _recover(study, proc, i)
+            if respawns[i] < MAX_RESPAWNS and (budget.left() > 0 or open_trials(study)):
+                respawns[i] += 1
+                running[i] = start(i, respawns[i])
+        _report_new(study, seen, callbacks)
+        if on_epoch is not None:
+            _report_running(study, on_epoch)
+        time.sleep(POLL_SECONDS)
 
 
 def _recover(study: optuna.Study, proc: multiprocessing.process.BaseProcess, slot: int) -> None:

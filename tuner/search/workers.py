@@ -26,6 +26,7 @@ from tuner.search.budget import TrialBudget, drop_orphans, open_trials
 from tuner.search.keys import StudyKey, TrialKey
 from tuner.search.objective import EpochProgress, Objective
 from tuner.search.optuna_internals import fail_trial, reread
+from tuner.search.preemption import SavedTrials, TrialPreempted, requeue
 from tuner.search.resources import see_only_gpu, use_threads, worker_name
 from tuner.search.samplers import build_pruner, build_sampler
 from tuner.search.space import SearchSpace
@@ -133,11 +134,15 @@ def work(
         artifacts.mkdir(parents=True, exist_ok=True)
     trial_data = TrialData(space, dataset, torch_device, cache_dir)
     data, folds = trial_data.at(dataset.image_size)
-    objective = Objective(space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, trial_data=trial_data)
+    saved = SavedTrials(Path(study.user_attrs[StudyKey.ARTIFACT_DIR]) / "resume")
+    objective = Objective(
+        space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, trial_data=trial_data, saved=saved
+    )
     budget = TrialBudget(study)
     after_trial = AfterTrial(budget)
     try:
-        _trials_until_done(study, objective, budget, after_trial, [*callbacks, after_trial], space, torch_device)
+        with interrupts.preemptible():
+            _trials_until_done(study, objective, budget, after_trial, [*callbacks, after_trial], space, torch_device)
     finally:
         if objective.artifacts is not None:
             objective.artifacts.close()
@@ -156,6 +161,7 @@ def _trials_until_done(
     orphans: dict[int, float] = {}  # WAITING trials with no start left: when first seen so
     while deadline is None or time.monotonic() < deadline:
         interrupts.raise_if_interrupted()
+        interrupts.raise_if_preempted("no trial was running")
         if space.study.stop is not None and stopped(study, space):
             return
         if after_trial.failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
@@ -173,6 +179,11 @@ def _trials_until_done(
                     callbacks=after,
                     gc_after_trial=device.type == "cuda",
                 )
+            except TrialPreempted as stop:
+                # Optuna failed the trial; its retry is queued before the start is given back (see OnStaleTrial).
+                requeue(study, stop)
+                budget.give_back(stopping=True)
+                raise
             except KeyboardInterrupt:
                 budget.give_back(stopping=True)  # Optuna marked the trial FAILED; its start is not used up
                 raise

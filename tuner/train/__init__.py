@@ -24,9 +24,10 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.train.checkpoint import SavedModel, load_model, save_model
     from tuner.train.hparams import BEFORE_ADDED, Hyperparameters, renamed, upgrade, upgrade_stored
     from tuner.train.inference import TTA_VIEWS, average_probabilities
-    from tuner.train.loop import FitResult, NonFiniteLossError, fit, predict, resolve_device
+    from tuner.train.loop import FitResult, Interrupted, NonFiniteLossError, fit, predict, resolve_device
     from tuner.train.metrics import choose_threshold, classification_metrics, evaluation_report
     from tuner.train.models import Classifier, build_model, check_model_name
     from tuner.train.plots import per_class_csv, plot_confusion, plot_history, plot_roc_pr, save_figure
     from tuner.train.run import OutOfMemory, free_memory, train_model
+    from tuner.train.snapshot import Snapshot
     from tuner.train.weights import package_file, resolve_pretrained

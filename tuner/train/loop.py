@@ -20,11 +20,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tuner.train.averaging import WeightAverage
 from tuner.train.optim import LRSchedule
+from tuner.train.snapshot import Progress, RunParts, Snapshot
 
 log = logging.getLogger(__name__)
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+class Interrupted(KeyboardInterrupt):
+    """``fit`` was asked to stop (its ``stop`` returned true) and did, before a batch or after an epoch.
+
+    ``snapshot`` is the state after the last epoch completed: ``fit(start=snapshot)`` goes on from there
+    and ends exactly as the run would have without the stop. A ``KeyboardInterrupt``, so that no
+    ``except Exception`` takes it for a fault."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__(f"stopped after epoch {snapshot.progress.epoch}")
+        self.snapshot = snapshot
 
 
 class NonFiniteLossError(RuntimeError):
@@ -174,26 +188,6 @@ def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _weight_average(model: nn.Module, decay: float) -> tuple[nn.Module, Callable[[], None] | None]:
-    """The model to validate and keep, and what to do after each optimizer step: with ``decay`` > 0 an
-    exponential moving average of ``model`` updated after every step; else ``model`` itself."""
-    if decay == 0:
-        return model, None
-    from timm.utils import ModelEmaV3
-
-    # Warm-up (power 3/4, timm's advice for shorter runs): the decay grows from 0 towards ``decay``,
-    # so the first epochs are not averaged with the random or pretrained start.
-    ema = ModelEmaV3(model, decay=decay, use_warmup=True, warmup_power=0.75)
-    steps = 0
-
-    def update() -> None:
-        nonlocal steps
-        steps += 1
-        ema.update(model, step=steps)
-
-    return ema.module, update
-
-
 def _check_fit_arguments(
     *,
     max_epochs: int,
@@ -244,6 +238,9 @@ def fit(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     train_counts: list[int] | None = None,
     images_per_epoch: int | None = None,
+    stop: Callable[[], object] | None = None,
+    start: Snapshot | None = None,
+    generator: torch.Generator | None = None,
 ) -> FitResult:
     """Train, validate each epoch, keep the best epoch. ``train_batches(epoch)`` gives that epoch's batches.
 
@@ -259,6 +256,12 @@ def fit(
 
     ``train_counts`` / ``images_per_epoch`` (what the caller's sampler feeds each epoch) are stored in
     the result as given, so it is complete when ``fit`` returns.
+
+    ``stop`` is asked before every batch and after every epoch; when it returns true, ``fit`` raises
+    :class:`Interrupted` with the state after the last complete epoch (a snapshot taken at each epoch's
+    start, on the CPU, only when ``stop`` is given). ``start``: such a snapshot to go on from, the run's
+    parts freshly built as for the original; ``generator``: the one ``train_batches`` draws from, whose
+    state the snapshot holds.
     """
     _check_fit_arguments(
         max_epochs=max_epochs,
@@ -271,24 +274,28 @@ def fit(
         ema_decay=ema_decay,
     )
     device = next(model.parameters()).device
-    averaged, on_step = _weight_average(model, ema_decay)
+    average = WeightAverage(model, ema_decay)
+    averaged, on_step = average.module, (average.update if average.ema is not None else None)
     dtype = (amp_dtype or default_amp_dtype(device)) if amp else None
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    parts = RunParts(model, optimizer, schedule, average, scaler, generator)
+    p = Progress() if start is None else parts.restore(start)
     sign = 1.0 if mode == "max" else -1.0
-    history: dict[str, list[float]] = {}
-    best_value, best_epoch, best_state = math.nan, 0, {}
-    best_probs = targets = None
-    train_seconds = epoch_seconds = 0.0
-    images_seen = 0
     stopped_early = False
-    epoch = 0
-    for epoch in range(1, max_epochs + 1):
-        start = time.perf_counter()
+    probs = None
+    epoch = p.epoch
+    for epoch in range(p.epoch + 1, max_epochs + 1):
+        # Before train_batches: drawing the epoch's order already moves the generator on.
+        snapshot = None if stop is None else parts.snapshot(p)
+        batches = train_batches(epoch)
+        if stop is not None and snapshot is not None:
+            batches = _until_stopped(batches, stop, snapshot)
+        start_time = time.perf_counter()
         loss_sum, images = train_one_epoch(
             model,
-            train_batches(epoch),
+            batches,
             loss_fn=loss_fn,
             optimizer=optimizer,
             schedule=schedule,
@@ -304,50 +311,61 @@ def fit(
         train_done = time.perf_counter()
         metrics = {"train_loss": train_loss}
         if val_batches is not None:
-            probs, targets, val_loss = predict(
+            probs, p.targets, val_loss = predict(
                 averaged, val_batches(), to_probs=to_probs, loss_fn=loss_fn, amp_dtype=dtype
             )
             metrics["val_loss"] = val_loss
-            metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, targets).items()})
+            metrics.update({f"val_{k}": v for k, v in metrics_fn(probs, p.targets).items()})
         metrics["lr"] = optimizer.param_groups[0]["lr"]
         if monitor not in metrics:
             raise ValueError(f"monitor must be one of {', '.join(sorted(metrics))}, but got monitor={monitor!r}")
         schedule.after_epoch(metrics[monitor])
         end = time.perf_counter()
-        metrics["epoch_seconds"] = end - start
-        train_seconds += train_done - start
-        epoch_seconds += end - start
-        images_seen += images
+        metrics["epoch_seconds"] = end - start_time
+        p.train_seconds += train_done - start_time
+        p.epoch_seconds += end - start_time
+        p.images_seen += images
+        p.epoch = epoch
         for key, value in metrics.items():
-            history.setdefault(key, []).append(value)
+            p.history.setdefault(key, []).append(value)
 
         value = metrics[monitor]
-        improved = math.isfinite(value) and (not best_epoch or sign * value > sign * best_value)
+        improved = math.isfinite(value) and (not p.best_epoch or sign * value > sign * p.best_value)
         if improved and val_batches is not None:
-            best_value, best_epoch, best_probs = value, epoch, probs
-            best_state = _cpu_copy(averaged)
+            p.best_value, p.best_epoch, p.best_probs = value, epoch, probs
+            p.best_state = _cpu_copy(averaged)
         log.debug("epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if patience is not None and best_epoch and epoch - best_epoch >= patience:
+        if patience is not None and p.best_epoch and epoch - p.best_epoch >= patience:
             stopped_early = True
             break
+        if stop is not None and epoch < max_epochs and stop():
+            raise Interrupted(parts.snapshot(p))
     if averaged is not model:
         model.load_state_dict(averaged.state_dict())
-    if not best_epoch:  # no validation, or never a finite value: keep the last epoch
-        best_value, best_epoch, best_state = history.get(monitor, [math.nan])[-1], epoch, _cpu_copy(model)
+    if not p.best_epoch:  # no validation, or never a finite value: keep the last epoch
+        p.best_value, p.best_epoch, p.best_state = p.history.get(monitor, [math.nan])[-1], epoch, _cpu_copy(model)
     return FitResult(
-        history=history,
-        best_epoch=best_epoch,
-        best_value=best_value,
-        best_state=best_state,
+        history=p.history,
+        best_epoch=p.best_epoch,
+        best_value=p.best_value,
+        best_state=p.best_state,
         epochs_run=epoch,
-        seconds_per_epoch=epoch_seconds / max(epoch, 1),
-        images_per_second=images_seen / train_seconds if train_seconds > 0 else float("nan"),
+        seconds_per_epoch=p.epoch_seconds / max(epoch, 1),
+        images_per_second=p.images_seen / p.train_seconds if p.train_seconds > 0 else float("nan"),
         peak_memory_mb=peak_memory_mb(device),
         stopped_early=stopped_early,
-        best_val_probs=best_probs,
-        val_targets=targets,
+        best_val_probs=p.best_probs,
+        val_targets=p.targets,
         train_counts=train_counts,
         images_per_epoch=images_per_epoch,
     )
+
+
+def _until_stopped(batches: Batches, stop: Callable[[], object], snapshot: Snapshot) -> Batches:
+    """``batches`` until ``stop()`` says otherwise; then :class:`Interrupted` with the epoch's starting state."""
+    for batch in batches:
+        if stop():
+            raise Interrupted(snapshot)
+        yield batch

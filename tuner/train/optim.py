@@ -101,6 +101,15 @@ class LRSchedule:
         elif self.interval == "metric":
             self.scheduler.step(metric)  # type: ignore[union-attr]
 
+    def state_dict(self) -> dict[str, Any]:
+        state = None if self.scheduler is None else self.scheduler.state_dict()  # type: ignore[attr-defined]
+        return {"steps": self.steps, "scheduler": state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])  # type: ignore[attr-defined]
+
 
 @dataclass(frozen=True)
 class ScheduleArgs:

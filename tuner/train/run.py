@@ -25,6 +25,7 @@ from tuner.train.losses import logits_to_probs
 from tuner.train.metrics import classification_metrics
 from tuner.train.mixing import MixingLoss, mix_batches
 from tuner.train.models import Classifier
+from tuner.train.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ def train_model(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     epochs: int | None = None,
     on_retry: Callable[[Hyperparameters], None] | None = None,
+    stop: Callable[[], object] | None = None,
+    start: Snapshot | None = None,
 ) -> tuple[Classifier, FitResult]:
     """Build model, sampler, loss, optimizer, schedule and augmentation from ``hparams``; train; return both.
 
@@ -59,10 +62,15 @@ def train_model(
     accumulation (the same images per optimizer step) and half the evaluation batch size, down to
     ``settings.min_batch_size``; ``on_retry`` is told the hyperparameters of each new attempt.
     Below the floor it raises :class:`OutOfMemory`.
+
+    ``stop`` / ``start``: as in :func:`~tuner.train.loop.fit`, to stop between batches with the state of
+    the last complete epoch (:class:`~tuner.train.loop.Interrupted`) and to go on from such a state.
     """
     while True:
         try:
-            return _train_once(hparams, data, settings, seed=seed, on_epoch=on_epoch, epochs=epochs)
+            return _train_once(
+                hparams, data, settings, seed=seed, on_epoch=on_epoch, epochs=epochs, stop=stop, start=start
+            )
         except torch.cuda.OutOfMemoryError:
             pass  # handled below, once the failed run's frames are gone
         free_memory()
@@ -75,6 +83,7 @@ def train_model(
         log.warning("out of memory at batch_size=%d; trying %d", hparams.batch_size, smaller)
         hparams = hparams.model_copy(update={"batch_size": smaller, "accumulate_steps": 2 * hparams.accumulate_steps})
         settings = replace(settings, eval_batch_size=max(1, settings.eval_batch_size // 2))
+        start = None  # a saved state belongs to the batch size it was trained at
         if on_retry is not None:
             on_retry(hparams)
 
@@ -87,6 +96,8 @@ def _train_once(
     seed: int,
     on_epoch: Callable[[int, dict[str, float]], None] | None,
     epochs: int | None,
+    stop: Callable[[], object] | None = None,
+    start: Snapshot | None = None,
 ) -> tuple[Classifier, FitResult]:
     c = build_components(hparams, data, settings, seed)
     device = data.train.images.device
@@ -167,6 +178,9 @@ def _train_once(
         on_epoch=epoch_end,
         train_counts=np.bincount(c.pool_labels, minlength=data.num_classes).tolist(),
         images_per_epoch=c.epoch_size,
+        stop=stop,
+        start=start,
+        generator=generator,
     )
     if model is not c.model:  # the head's states, completed with the frozen backbone's
         backbone = {f"backbone.{k}": v.detach().cpu() for k, v in c.model.backbone.state_dict().items()}
