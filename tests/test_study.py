@@ -309,3 +309,16 @@ def test_a_study_that_stopped_improving_stops_by_itself_with_its_reason(workdir)
     keeps = tiny_space(study={"name": "fresh", "n_trials": 3, "artifacts": False, "stop": {"patience": 5}})
     assert invoke("optimize", "--space", write_space(workdir / "f.yaml", keeps)).exit_code == 0
     assert len(load("fresh", workdir).trials) == 3
+
+
+def test_cmaes_sampler_runs_a_study(workdir):
+    """sampler: cmaes (its package in the test extra): after one random start, CMA-ES draws the trials."""
+    space = tiny_space(
+        study={"n_trials": 2, "artifacts": False, "sampler": {"name": "cmaes", "seed": 0, "n_startup_trials": 1}},
+        params={"dropout": {"low": 0.0, "high": 0.5}},
+    )
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 0, result.output
+    first, second = load("tiny", workdir).get_trials()
+    assert first.state == second.state == TrialState.COMPLETE
+    assert "cma:generation" not in first.system_attrs and "cma:generation" in second.system_attrs

@@ -14,6 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
+from tuner.search.keys import TrialKey
 from tuner.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
@@ -86,7 +87,9 @@ def _check_outcome(study: optuna.Study, total: int, epochs: int = 6) -> None:
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed, "the killed worker's trial should have failed"
+    # retried by the heartbeat's callback (killed), or re-queued by its own worker (preempted)
     retried = {RetryHeartbeatStaleTrialCallback.retried_trial_number(t) for t in finished} - {None}
+    retried |= {t.user_attrs.get(TrialKey.RETRY_OF) for t in finished}
     assert {t.number for t in failed} <= retried, "every killed trial was retried"
     for t in finished:
         history = t.user_attrs["history"]

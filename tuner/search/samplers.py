@@ -39,7 +39,9 @@ def _cmaes(seed: int, n_startup_trials: int) -> Any:
     try:
         import cmaes  # noqa: F401
     except ImportError:
-        raise TunerError("sampler 'cmaes' needs the cmaes package: pip install cmaes") from None
+        raise TunerError(
+            "sampler 'cmaes' needs the cmaes package: pip install -e '.[cmaes]' (or pip install cmaes)"
+        ) from None
     return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
