@@ -74,7 +74,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
     import optuna
 
     level = logging.WARNING if quiet else logging.DEBUG if verbose > 1 else logging.INFO
-    handler = RichHandler(console=err, show_path=False, show_time=False, rich_tracebacks=False)
+    handler: logging.Handler
+    if err.is_terminal:
+        handler = RichHandler(console=err, show_path=False, show_time=False, rich_tracebacks=False)
+    else:  # a log file, a Slurm job, a pipe: one unwrapped line per record, whole paths to grep for
+        handler = logging.StreamHandler(err.file)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
     package = logging.getLogger("tuner")
     package.handlers[:] = [handler]
     package.setLevel(level)

@@ -41,6 +41,7 @@ class TrialArtifacts:
         positive_index: int | None,
         save_checkpoints: bool = False,
     ) -> None:
+        self.folder = folder
         self.store = FileSystemArtifactStore(str(folder))
         self.metric = metric
         self.class_names = class_names
@@ -78,12 +79,18 @@ class TrialArtifacts:
                 )
         if self.save_checkpoints:
             files["best_checkpoint.pt"] = lambda path: _save(path, {"state_dict": state, "hparams": hparams})
-        with tempfile.TemporaryDirectory() as tmp:
-            ids = {}
-            for name in files:
-                placeholder = Path(tmp) / name
-                placeholder.touch()
-                ids[name] = upload_artifact(artifact_store=self.store, file_path=str(placeholder), study_or_trial=trial)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                ids = {}
+                for name in files:
+                    placeholder = Path(tmp) / name
+                    placeholder.touch()
+                    ids[name] = upload_artifact(
+                        artifact_store=self.store, file_path=str(placeholder), study_or_trial=trial
+                    )
+        except OSError as err:  # a full disk, a read-only folder: the trial's result still counts
+            log.warning("could not write the dashboard files of trial %d in %s: %s", trial.number, self.folder, err)
+            return
         self._drawer.submit(self._draw, trial.number, files, ids)
 
     def close(self) -> None:
@@ -98,7 +105,7 @@ class TrialArtifacts:
                     with path.open("rb") as fh:
                         self.store.write(ids[name], fh)
         except Exception as err:  # noqa: BLE001 - a plot that fails must not stop the study
-            log.warning("could not write the dashboard files of trial %d: %s", number, err)
+            log.warning("could not write the dashboard files of trial %d in %s: %s", number, self.folder, err)
 
 
 def _save(path: Path, content: dict) -> Path:

@@ -10,7 +10,6 @@ from epoch 1, and a warning names the file and the error.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 
 from tuner.interrupts import Preempted
 from tuner.search.keys import TrialKey
-from tuner.train import Hyperparameters, Snapshot
+from tuner.train import Hyperparameters, Snapshot, save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ class SavedTrials:
     ) -> Path | None:
         """Write the state (atomically); None if it could not be written (said in a warning)."""
         path = self.path(trial)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         payload = {
             "format": FORMAT,
             "seed": seed,
@@ -77,11 +75,8 @@ class SavedTrials:
             "snapshot": snapshot.to_dict(),
         }
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(payload, tmp)
-            tmp.replace(path)
+            save_atomically(payload, path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             log.warning(
                 "could not save trial %d's state to %s (%s); its retry starts again from epoch 1",
                 trial.number,

@@ -11,6 +11,8 @@ nor the space file. Files of format 1 (one ``state_dict``, no TTA) still load.
 from __future__ import annotations
 
 import importlib.metadata
+import io
+import os
 import platform
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,11 +107,26 @@ def save_model(
         },
         "provenance": provenance,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        save_atomically(payload, path)
+    except OSError as err:
+        raise TunerError(f"cannot write the model file {path}: {err.strerror or err}") from None
     return path
+
+
+def save_atomically(payload: dict, path: Path) -> None:
+    """``torch.save`` whole or not at all: to a temporary file renamed over ``path``. Serialised in memory
+    first, so a full disk or a read-only folder is an ``OSError`` naming the file (torch's own writer
+    raises a bare ``RuntimeError`` there) and no half-written file is left behind."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(buffer.getbuffer())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_model(path: Path, device: torch.device | str = "cpu") -> SavedModel:
