@@ -51,8 +51,9 @@ def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b))
 
 
-@pytest.mark.parametrize("recipe", list(RECIPES))
-@pytest.mark.parametrize("stop_at_batch", [3, 9])
+@pytest.mark.parametrize(
+    ("recipe", "stop_at_batch"), [("everything", 3), ("everything", 9), ("plain", 9), ("plateau", 9)]
+)
 def test_a_run_stopped_between_batches_ends_as_if_never_stopped(tiny_device_data, recipe, stop_at_batch, tmp_path):
     hp = Hyperparameters(width=8, depth=2, batch_size=32, **RECIPES[recipe])
     _, whole = train_model(hp, tiny_device_data, SETTINGS, seed=4)
