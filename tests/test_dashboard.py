@@ -40,15 +40,21 @@ def _chromium() -> str:
     return found
 
 
-@pytest.fixture
-def dashboard(workdir):
-    """A finished study with its trial plots, and `tuner dashboard` serving it on a free loopback port."""
-    space = tiny_space(study={"n_trials": 2}, train={"max_epochs": 3, "patience": None, "device": "cpu"})
-    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
-    assert result.exit_code == 0, result.output
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A finished study with its trial plots, and `tuner dashboard` serving it on a free loopback port
+    (one for the module's tests: they only read)."""
+    workdir = tmp_path_factory.mktemp("dashboard")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)
+        space = tiny_space(study={"n_trials": 2}, train={"max_epochs": 3, "patience": None, "device": "cpu"})
+        result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+        assert result.exit_code == 0, result.output
+        study = load_existing_study("tiny", None)
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tuner", "dashboard", "--study", "tiny", "--port", str(port)],
+        cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,7 +69,7 @@ def dashboard(workdir):
                 time.sleep(0.2)
         else:
             pytest.fail("optuna-dashboard did not start: " + (proc.stderr.read() if proc.poll() is not None else ""))
-        yield base, load_existing_study("tiny", None)
+        yield base, study
     finally:
         proc.terminate()
         proc.wait(timeout=10)
