@@ -4,7 +4,6 @@ never stopped (same history, same weights), and a study's trial stopped by SIGTE
 from __future__ import annotations
 
 import math
-import os
 import re
 import signal
 import sqlite3
@@ -17,8 +16,9 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from tests.conftest import tiny_space, write_space
+from tests.conftest import invoke, tiny_space, write_space
 from tuner.search.keys import TrialKey
+from tuner.search.resources import use_threads
 from tuner.search.storage import open_storage
 from tuner.train import Hyperparameters, Interrupted, RunSettings, Snapshot, train_model
 
@@ -106,13 +106,15 @@ def test_sigterm_mid_trial_saves_it_and_the_retry_ends_as_if_never_stopped(workd
     the trial ends with the same curve and value as the same trial never stopped."""
     space = tiny_space(
         study={"n_trials": 1, "pruner": {"name": "none"}},
-        data={"image_size": 24, "synthetic": {"n_images": 600, "minority_fraction": 0.2}},
-        train={"max_epochs": 6},
+        data={"image_size": 24, "synthetic": {"n_images": 400, "minority_fraction": 0.2}},
+        train={"max_epochs": 5},
         params={"dropout": {"low": 0.1, "high": 0.5}, "augment": "light", "hidden_sizes": [16]},
     )
     path = write_space(workdir / "s.yaml", space)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(["tuner", "optimize", "--space", str(path)], env=env, stderr=subprocess.PIPE, text=True)
+    # one thread each, so the three runs below add their floats in the same order
+    proc = subprocess.Popen(
+        ["tuner", "optimize", "--space", str(path), "--threads", "1"], stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and _epochs_reported(workdir / "studies" / "tiny.db") < 2:
@@ -133,11 +135,16 @@ def test_sigterm_mid_trial_saves_it_and_the_retry_ends_as_if_never_stopped(workd
     assert saved_epoch >= 2
     assert Path(stopped.user_attrs[TrialKey.PREEMPTED]["state"]).exists()
 
-    joined = subprocess.run(
-        ["tuner", "optimize", "--space", str(path), "--join"], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert joined.returncode == 0, joined.stderr
-    first_epoch_run = min(int(e) for e in re.findall(r"trial 1 epoch (\d+)/6", joined.stderr))
+    threads = torch.get_num_threads()
+    try:
+        joined = invoke("optimize", "--space", path, "--join", "--threads", "1")
+        reference = dict(space, study={**space["study"], "name": "whole"})  # the same trial, never stopped
+        whole = invoke("optimize", "--space", write_space(workdir / "whole.yaml", reference), "--threads", "1")
+    finally:
+        use_threads(threads)  # in this process: the tests after this one keep theirs
+    assert joined.exit_code == 0, joined.output
+    assert whole.exit_code == 0, whole.output
+    first_epoch_run = min(int(e) for e in re.findall(r"trial 1 epoch (\d+)/5", joined.stderr))
     assert first_epoch_run == saved_epoch + 1  # nothing trained twice but the interrupted epoch
     stopped, resumed = _study("tiny", workdir).get_trials()
     assert resumed.state == TrialState.COMPLETE
@@ -145,15 +152,6 @@ def test_sigterm_mid_trial_saves_it_and_the_retry_ends_as_if_never_stopped(workd
     assert not Path(stopped.user_attrs[TrialKey.PREEMPTED]["state"]).exists()  # spent
 
     # the same trial, never stopped: a study of its own draws the same parameters and seed
-    reference = dict(space, study={**space["study"], "name": "whole"})
-    whole = subprocess.run(
-        ["tuner", "optimize", "--space", str(write_space(workdir / "whole.yaml", reference))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert whole.returncode == 0, whole.stderr
     [never_stopped] = _study("whole", workdir).get_trials()
     assert resumed.params == never_stopped.params
     assert resumed.user_attrs[TrialKey.SEED] == never_stopped.user_attrs[TrialKey.SEED]
