@@ -102,7 +102,7 @@ class RunParts:
             self.scaler.load_state_dict(snapshot.scaler)
         if self.generator is not None and snapshot.generator is not None:
             self.generator.set_state(snapshot.generator)
-        pass  # scratch: torch RNG not restored
+        torch.set_rng_state(snapshot.torch_rng)
         device = next(self.model.parameters()).device
         if device.type == "cuda" and snapshot.cuda_rng is not None:
             torch.cuda.set_rng_state(snapshot.cuda_rng, device)
