@@ -4,6 +4,8 @@ another is cancelled with ``scancel --signal=TERM`` in the middle of one (its tr
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,21 +28,30 @@ def _squeue(env: dict) -> list[str]:
 
 
 def _preempt_mid_trial(name: str, url: str, job: str, env: dict, spare: int) -> tuple[int, str]:
-    """``scancel --signal=TERM`` the array task whose worker (not ``spare``) runs a trial past its second
-    epoch; wait for it to save and leave. Returns the trial's number and the task's index."""
+    """``scancel --signal=TERM`` the array task whose worker (not ``spare``) runs a trial with two to four of
+    its six epochs done; wait for it to save and leave. Returns the trial's number and the task's index.
+
+    The worker is stopped first and the trial read again (its epochs take a fraction of a second): the
+    signal then waits for it, and lands in the middle of that trial, not after it."""
     deadline = time.time() + 180
     while time.time() < deadline:
         for trial in _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
-            if len(trial.intermediate_values) < 2 or pid == spare:
+            if pid == spare:
+                continue
+            os.kill(pid, signal.SIGSTOP)
+            now = _study(name, url).trials[trial.number]
+            if now.state != TrialState.RUNNING or not 2 <= len(now.intermediate_values) <= 4:
+                os.kill(pid, signal.SIGCONT)
                 continue
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             task = next(v.split(b"=", 1)[1].decode() for v in environ if v.startswith(b"SLURM_ARRAY_TASK_ID="))
             subprocess.run(["scancel", "--signal=TERM", "--full", f"{job}_{task}"], env=env, check=True)
+            os.kill(pid, signal.SIGCONT)
             while Path(f"/proc/{pid}").exists() and time.time() < deadline:
                 time.sleep(0.2)
             return trial.number, task
-        time.sleep(0.3)
+        time.sleep(0.05)
     pytest.fail("no trial to preempt")
 
 
