@@ -129,6 +129,8 @@ def test_sigterm_mid_trial_saves_it_and_the_retry_ends_as_if_never_stopped(workd
     assert took < 10
     assert "Traceback" not in stderr
     assert "stopped by SIGTERM: trial 0 saved after epoch" in stderr and "--join" in stderr
+    listed = invoke("trials", "--study", "tiny")
+    assert listed.exit_code == 0 and "preempted after epoch" in listed.stdout, listed.output
     stopped, queued = _study("tiny", workdir).get_trials()
     assert (stopped.state, queued.state) == (TrialState.FAIL, TrialState.WAITING)  # re-queued at once
     saved_epoch = stopped.user_attrs[TrialKey.PREEMPTED]["epoch"]

@@ -137,6 +137,15 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
         "seed": trial.user_attrs.get(TrialKey.SEED),
         "params": trial.params,
         "duration_s": None if duration is None else round(duration, 2),
-        "reason": trial.user_attrs.get(TrialKey.FAIL_REASON) or trial.user_attrs.get(TrialKey.PRUNE_REASON),
+        "reason": trial.user_attrs.get(TrialKey.FAIL_REASON)
+        or trial.user_attrs.get(TrialKey.PRUNE_REASON)
+        or _preempted(trial),
         "feasible": feasibility(trial),
     }
+
+
+def _preempted(trial: FrozenTrial) -> str | None:
+    stop = trial.user_attrs.get(TrialKey.PREEMPTED)
+    if stop is None:
+        return None
+    return f"preempted after epoch {stop['epoch']}, queued to resume" if stop["epoch"] else "preempted, queued again"
