@@ -121,7 +121,7 @@ def test_a_preempted_trials_state_that_cannot_be_written_leaves_nothing_behind(f
     )
     saved = SavedTrials(full_disk / "resume")
     with caplog.at_level(logging.WARNING, logger="tuner.search.preemption"):
-        path = saved.save(trial, seed=0, hparams=Hyperparameters(), history={}, snapshot=snapshot)
+        path = saved.save(trial, seed=0, hparams=Hyperparameters(), snapshot=snapshot)
     assert path is None
     assert f"could not save trial 0's state to {full_disk / 'resume' / 'trial-0.pt'}" in caplog.text
     assert "No space left on device" in caplog.text and "starts again from epoch 1" in caplog.text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -177,13 +178,12 @@ class Objective:
     ) -> TrialPreempted:
         """Save the state of the last complete epoch (``keep``: hold-out; a cross-validated trial starts
         again), record why the trial stops, and say how its retry finds the state."""
-        signum = interrupts.preempted() or 15
+        signum = interrupts.preempted() or signal.SIGTERM
         snapshot = stopped.snapshot
         epoch = snapshot.progress.epoch if keep else 0
         path = None
         if epoch > 0 and self.saved is not None:
-            history = {k: list(v) for k, v in snapshot.progress.history.items()}
-            path = self.saved.save(trial, seed=seed, hparams=hparams, history=history, snapshot=snapshot)
+            path = self.saved.save(trial, seed=seed, hparams=hparams, snapshot=snapshot)
         if path is None:
             epoch = 0
         trial.set_user_attr(TrialKey.HISTORY, snapshot.progress.history if keep else {})

@@ -40,12 +40,16 @@ class Resume:
     """What a retried trial goes on from."""
 
     seed: int
-    history: dict[str, list[float]]
     snapshot: Snapshot
 
     @property
     def epoch(self) -> int:
         return self.snapshot.progress.epoch
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """The epochs before the stop, as the trial recorded them."""
+        return self.snapshot.progress.history
 
 
 def original_number(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
@@ -62,16 +66,13 @@ class SavedTrials:
     def path(self, trial: optuna.Trial) -> Path:
         return self.folder / f"trial-{original_number(trial)}.pt"
 
-    def save(
-        self, trial: optuna.Trial, *, seed: int, hparams: Hyperparameters, history: dict, snapshot: Snapshot
-    ) -> Path | None:
+    def save(self, trial: optuna.Trial, *, seed: int, hparams: Hyperparameters, snapshot: Snapshot) -> Path | None:
         """Write the state (atomically); None if it could not be written (said in a warning)."""
         path = self.path(trial)
         payload = {
             "format": FORMAT,
             "seed": seed,
             "hparams": hparams.model_dump(mode="json"),
-            "history": history,
             "snapshot": snapshot.to_dict(),
         }
         try:
@@ -99,7 +100,6 @@ class SavedTrials:
                 raise ValueError("saved for other hyperparameters")
             return Resume(
                 seed=int(payload["seed"]),
-                history=payload["history"],
                 snapshot=Snapshot.from_dict(payload["snapshot"]),
             )
         except Exception as err:  # noqa: BLE001 - cut short, another version, another trial: start again

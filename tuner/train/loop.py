@@ -22,7 +22,7 @@ from torch import nn
 
 from tuner.train.averaging import WeightAverage
 from tuner.train.optim import LRSchedule
-from tuner.train.snapshot import Progress, RunParts, Snapshot
+from tuner.train.snapshot import Progress, RunParts, Snapshot, to_cpu
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +184,6 @@ def _optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def _cpu_copy(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
 def _check_fit_arguments(
     *,
     max_epochs: int,
@@ -333,7 +329,7 @@ def fit(
         improved = math.isfinite(value) and (not p.best_epoch or sign * value > sign * p.best_value)
         if improved and val_batches is not None:
             p.best_value, p.best_epoch, p.best_probs = value, epoch, probs
-            p.best_state = _cpu_copy(averaged)
+            p.best_state = to_cpu(averaged.state_dict())
         log.debug("epoch %d: %s", epoch, metrics)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
@@ -345,7 +341,11 @@ def fit(
     if averaged is not model:
         model.load_state_dict(averaged.state_dict())
     if not p.best_epoch:  # no validation, or never a finite value: keep the last epoch
-        p.best_value, p.best_epoch, p.best_state = p.history.get(monitor, [math.nan])[-1], epoch, _cpu_copy(model)
+        p.best_value, p.best_epoch, p.best_state = (
+            p.history.get(monitor, [math.nan])[-1],
+            epoch,
+            to_cpu(model.state_dict()),
+        )
     return FitResult(
         history=p.history,
         best_epoch=p.best_epoch,
