@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,26 @@ def postgres_bindir() -> Path | None:
         return candidates[-1].parent
     found = shutil.which("initdb")
     return Path(found).parent if found else None
+
+
+_RUNNING: dict[str, tuple[list[str], str]] = {}  # URL -> how to run pg_ctl for it, and its options
+
+
+@contextmanager
+def postgres_down(url: str) -> Iterator[None]:
+    """The server at ``url`` stopped as ``pg_ctl restart -m fast`` stops it (open connections are cut), and
+    started again afterwards."""
+    pg_ctl, options = _RUNNING[url]
+    subprocess.run([*pg_ctl, "-m", "fast", "-w", "stop"], check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        subprocess.run([*pg_ctl, "-o", options, "-w", "-t", "60", "start"], check=True, capture_output=True)
+
+
+def pause_postgres(url: str, seconds: float) -> None:
+    with postgres_down(url):
+        time.sleep(seconds)
 
 
 @contextmanager
@@ -41,7 +62,8 @@ def postgres_server(max_connections: int = 100) -> Iterator[str]:
     run = lambda *cmd: subprocess.run([*as_user, *cmd], check=True, capture_output=True, text=True)  # noqa: E731
     run(str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "tuner", "--no-sync")
     options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections={max_connections}"
-    run(str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "-t", "60", "start")
+    pg_ctl = [*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log")]
+    run(*pg_ctl[len(as_user) :], "-o", options, "-w", "-t", "60", "start")
     try:
         import sqlalchemy as sa
 
@@ -49,7 +71,9 @@ def postgres_server(max_connections: int = 100) -> Iterator[str]:
         with engine.connect() as con:
             con.execute(sa.text("CREATE DATABASE tuner"))
         engine.dispose()
-        yield f"postgresql://tuner@127.0.0.1:{port}/tuner"
+        url = f"postgresql://tuner@127.0.0.1:{port}/tuner"
+        _RUNNING[url] = (pg_ctl, options)
+        yield url
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
         shutil.rmtree(root, ignore_errors=True)

@@ -71,3 +71,19 @@ def test_another_process_s_running_trial_can_be_failed_once_with_a_reason(url):
 def test_contains_tells_inside_from_outside(distribution, inside, outside):
     assert oi.contains(distribution, inside) is True
     assert oi.contains(distribution, outside) is False
+
+
+def test_every_storage_method_that_opens_a_session_waits_out_a_database_restart():
+    """tuner's storage wraps, by name, each method of Optuna's RDB storage that opens a database session; a
+    new one in an Optuna release would otherwise fail at the first restart of the database."""
+    import inspect
+
+    from tuner.search.storage import PatientStorage
+
+    opening = {
+        name
+        for name, method in inspect.getmembers(optuna.storages.RDBStorage, inspect.isfunction)
+        if method.__qualname__.startswith("RDBStorage.") and "_create_scoped_session(" in inspect.getsource(method)
+    }
+    assert opening == set(oi.STORAGE_CALLS)
+    assert all(getattr(PatientStorage, name) is not getattr(optuna.storages.RDBStorage, name) for name in opening)

@@ -14,6 +14,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from tests.conftest import invoke, tiny_space, write_space
+from tests.servers import pause_postgres, postgres_down
 from tuner.search.keys import TrialKey
 from tuner.search.storage import open_storage
 
@@ -114,6 +115,59 @@ def test_three_workers_on_postgres_survive_a_kill_and_finish_exactly(postgres_ur
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 0, output
     _check_outcome(_study("pg", postgres_url), 12)
+
+
+def test_a_postgres_restart_during_three_workers_is_ridden_out(postgres_url, workdir):
+    """The database stopped (open connections cut, as ``pg_ctl restart -m fast`` does) for 5 s while three
+    workers train: every storage call waits for it, no trial fails or runs twice, the command exits 0 and says
+    so in one line."""
+    path = write_space(workdir / "s.yaml", _space("away", 9, epochs=5))
+    proc = _tuner("optimize", "--space", str(path), "--storage", postgres_url, "--workers", "3", cwd=workdir)
+    try:
+        deadline = time.time() + 300
+        while len({t.user_attrs.get("worker") for t in _started("away", postgres_url)}) < 3:
+            assert proc.poll() is None and time.time() < deadline, "three workers did not start trials"
+            time.sleep(0.2)
+        pause_postgres(postgres_url, 5)
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and "Error" not in output, output
+    said = [line for line in output.splitlines() if "unreachable" in line]
+    assert len(said) == 1 and said[0].startswith("the study database was unreachable for "), output
+    assert int(said[0].split(" for ")[1].split()[0]) >= 4, said  # the 5 s it was down, as the parent saw it
+    trials = _study("away", postgres_url).get_trials(deepcopy=False)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 9, [(t.number, t.state.name) for t in trials]
+    for t in trials:
+        assert sorted(t.intermediate_values) == [1, 2, 3, 4, 5]
+        assert len(t.user_attrs["history"]["val_auroc"]) == 5
+
+
+def test_past_its_patience_a_call_stops_with_one_line_and_the_next_success_resets_it(postgres_url):
+    from tuner.search.outage import DatabaseAway, outages
+
+    study = optuna.create_study(study_name="patience", storage=open_storage(postgres_url, patience=2))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+    with postgres_down(postgres_url):
+        began = time.monotonic()
+        with pytest.raises(DatabaseAway) as away:
+            study.get_trials(deepcopy=False)
+        assert 2 <= time.monotonic() - began < 10
+        assert str(away.value).startswith(f"the study database {postgres_url} was unreachable for 2 s")
+        assert "\n" not in str(away.value) and outages.gave_up
+        began = time.monotonic()
+        with pytest.raises(DatabaseAway):
+            study.get_trials(deepcopy=False)  # having given up, the process does not wait again
+        assert time.monotonic() - began < 1
+    assert len(study.get_trials(deepcopy=False)) == 1 and not outages.gave_up
+
+
+def _started(name: str, url: str) -> list:
+    try:
+        return [t for t in _study(name, url).get_trials(deepcopy=False) if t.intermediate_values]
+    except Exception:  # noqa: BLE001 - the study or its tables may not exist yet
+        return []
 
 
 def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):

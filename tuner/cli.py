@@ -185,6 +185,14 @@ def optimize(
         int,
         typer.Option("--heartbeat", help="Seconds between worker heartbeats; a trial silent for 3x this is retried."),
     ] = 60,
+    storage_patience: Annotated[
+        float,
+        typer.Option(
+            "--storage-patience",
+            envvar="TUNER_STORAGE_PATIENCE",
+            help="Seconds to wait for a study database that went away (a restart, a failover) before stopping.",
+        ),
+    ] = 120,
     warm_start: Annotated[
         Optional[str], typer.Option("--warm-start", help="An earlier study whose best configurations run first.")
     ] = None,
@@ -201,7 +209,7 @@ def optimize(
     Each run adds --n-trials trials to the study, shared by its --workers; `--join` on another
     machine helps finish them. The total is exact: failed trials are replaced.
     """
-    from tuner.search import TrialBudget, load_space, parse_assignments, redact, run_optimize
+    from tuner.search import TrialBudget, load_space, outage_summary, parse_assignments, redact, run_optimize
 
     _setup_logging(verbose, quiet)
     overrides = {
@@ -236,6 +244,7 @@ def optimize(
                 threads=threads,
                 join=join,
                 heartbeat=heartbeat,
+                storage_patience=storage_patience,
                 warm_start_from=donor,
                 warm_start_top_k=top_k,
                 plan=plan,
@@ -254,6 +263,8 @@ def optimize(
             display.progress.stop()
             err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
             _exit_interrupted()
+    if (line := outage_summary()) is not None:
+        err.print(line, highlight=False, soft_wrap=True, markup=False)
     if plan:
         left = TrialBudget(result).left()
         out.print(f"planned study {name}: {left} trials for workers started with --join", highlight=False)

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.search.budget import TrialBudget
     from tuner.search.keys import StudyKey, TrialKey
     from tuner.search.objective import Objective, run_settings
+    from tuner.search.outage import DatabaseAway, outage_summary
     from tuner.search.space import (
         DataSettings,
         SearchSpace,

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import optuna
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from tuner.search.optuna_internals import engine_of, fail_trial, study_id, take_waiting, trial_id
+from tuner.search.optuna_internals import fail_trial, rdb_storage_of, study_id, take_waiting, trial_id
+from tuner.search.storage import PatientStorage
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _metadata = sa.MetaData()
 _budget = sa.Table(
@@ -33,13 +37,21 @@ class TrialBudget:
     """The study's trial total, shared by every worker through the study's own database."""
 
     def __init__(self, study: optuna.Study) -> None:
-        self.engine = engine_of(study)
+        storage = rdb_storage_of(study)
+        self.engine: sa.Engine = storage.engine
         self.study_id = study_id(study)
+        # A database restart is waited out here as in Optuna's own calls (one transaction per call).
+        self.wait_out: Callable[[Callable[[], T]], T] = (
+            storage.wait_out if isinstance(storage, PatientStorage) else lambda call: call()
+        )
         _metadata.create_all(self.engine, checkfirst=True)
 
     def add(self, n: int, *, others_running: bool) -> int:
         """Allow ``n`` more trial starts. Starts left over from an interrupted run are dropped
         unless other workers are running now (then they are theirs to use)."""
+        return self.wait_out(lambda: self._add(n, others_running))
+
+    def _add(self, n: int, others_running: bool) -> int:
         with self.engine.begin() as con:
             row = con.execute(sa.select(_budget).where(_budget.c.study_id == self.study_id)).first()
             if row is None:
@@ -50,6 +62,9 @@ class TrialBudget:
             return base + n
 
     def claim(self) -> bool:
+        return self.wait_out(self._claim)
+
+    def _claim(self) -> bool:
         with self.engine.begin() as con:
             result = con.execute(
                 sa.update(_budget)
@@ -59,23 +74,31 @@ class TrialBudget:
             return result.rowcount == 1
 
     def give_back(self, *, stopping: bool = False) -> None:
-        """Return one claimed start. ``stopping`` (Ctrl-C): wait a few seconds for the database at most;
-        should it be busy, nothing is lost, as the next run's ``add`` drops starts that no one is using."""
+        """Return one claimed start. ``stopping`` (Ctrl-C, SIGTERM): wait a few seconds for the database at
+        most; should it be busy or away, nothing is lost, as the next run's ``add`` drops starts that no one
+        is using."""
+        if not stopping:
+            self.wait_out(self._give_back)
+            return
         try:
-            with self.engine.begin() as con:
-                if stopping and self.engine.dialect.name == "sqlite":
-                    con.exec_driver_sql("PRAGMA busy_timeout = 3000")
-                con.execute(
-                    sa.update(_budget)
-                    .where(_budget.c.study_id == self.study_id, _budget.c.claimed > 0)
-                    .values(claimed=_budget.c.claimed - 1)
-                )
+            self._give_back(busy_timeout=3000)
         except sa.exc.OperationalError as err:
-            if not stopping:
-                raise
             log.warning("could not give the interrupted trial's start back (%s); the next run drops it", err.orig)
 
+    def _give_back(self, busy_timeout: int | None = None) -> None:
+        with self.engine.begin() as con:
+            if busy_timeout is not None and self.engine.dialect.name == "sqlite":
+                con.exec_driver_sql(f"PRAGMA busy_timeout = {busy_timeout}")
+            con.execute(
+                sa.update(_budget)
+                .where(_budget.c.study_id == self.study_id, _budget.c.claimed > 0)
+                .values(claimed=_budget.c.claimed - 1)
+            )
+
     def left(self) -> int:
+        return self.wait_out(self._left)
+
+    def _left(self) -> int:
         with self.engine.connect() as con:
             row = con.execute(sa.select(_budget).where(_budget.c.study_id == self.study_id)).first()
             return 0 if row is None else max(0, row.target - row.claimed)

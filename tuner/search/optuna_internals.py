@@ -23,6 +23,36 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.search.keys import TrialKey
 
+# Every method of Optuna's RDB storage that opens a database session (the others call these), public and
+# private (its caching wrapper calls the private ones): what tuner's storage makes wait out a restart.
+STORAGE_CALLS = (
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "_create_new_trial",
+    "_set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "_get_trials",
+    "_get_best_trial_id",
+    "record_heartbeat",
+    "_get_stale_trial_ids",
+)
+
 
 def storage_of(study: optuna.Study) -> BaseStorage:
     """The storage a loaded study reads and writes through (``Study._storage``)."""
@@ -34,11 +64,16 @@ def study_id(study: optuna.Study) -> int:
     return study._study_id
 
 
-def engine_of(study: optuna.Study) -> sa.Engine:
-    """The SQLAlchemy engine of a study on an RDB storage. Optuna wraps ``RDBStorage`` in a caching
-    storage (``_CachedStorage._backend``) when it loads a study."""
+def rdb_storage_of(study: optuna.Study) -> Any:
+    """The RDB storage of a study. Optuna wraps ``RDBStorage`` in a caching storage
+    (``_CachedStorage._backend``) when it loads a study."""
     storage: Any = storage_of(study)
-    return getattr(storage, "_backend", storage).engine
+    return getattr(storage, "_backend", storage)
+
+
+def engine_of(study: optuna.Study) -> sa.Engine:
+    """The SQLAlchemy engine of a study on an RDB storage."""
+    return rdb_storage_of(study).engine
 
 
 def trial_id(trial: FrozenTrial) -> int:

@@ -1,15 +1,16 @@
 """Where studies live: storage URLs (SQLite by default, PostgreSQL for many workers), opening them
-with heartbeats and pre-pinged connections, redacting passwords from anything shown, loading and
-copying studies."""
+with heartbeats, pre-pinged connections and calls that wait out a database restart, redacting passwords
+from anything shown, loading and copying studies."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy
@@ -17,11 +18,13 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import StorageError
-from tuner.search.optuna_internals import storage_of
+from tuner.search.optuna_internals import STORAGE_CALLS, storage_of
+from tuner.search.outage import DEFAULT_PATIENCE, DatabaseAway, patiently, quiet_optuna_fallback
 
 log = logging.getLogger(__name__)
 
 STUDIES_DIR = Path("studies")
+T = TypeVar("T")
 
 
 def default_storage(study_name: str) -> str:
@@ -56,6 +59,38 @@ class OnStaleTrial:
             self.then(study, trial)
 
 
+class PatientStorage(RDBStorage):
+    """Optuna's RDB storage whose calls wait out a database that went away for up to ``patience`` seconds
+    (:mod:`tuner.search.outage`). A heartbeat that cannot be recorded in that time is skipped, not
+    raised: the heartbeat thread keeps beating, and the trial goes on while it needs no database."""
+
+    patience: float = DEFAULT_PATIENCE
+    shown = "the study storage"  # its URL without a password, for messages
+
+    def wait_out(self, call: Callable[[], T]) -> T:
+        """``call()`` (SQL on this storage's engine), waiting out an outage as the storage's own calls do."""
+        return patiently(call, patience=self.patience, backend=self.engine.dialect.name, where=self.shown)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            _wait_out(RDBStorage.record_heartbeat)(self, trial_id)
+        except DatabaseAway:
+            log.debug("heartbeat of trial id %d skipped: the database is away", trial_id)
+
+
+def _wait_out(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: PatientStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.wait_out(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+for _name in STORAGE_CALLS:
+    if _name != "record_heartbeat":
+        setattr(PatientStorage, _name, _wait_out(getattr(RDBStorage, _name)))
+
+
 def parse_storage_url(url: str) -> sqlalchemy.engine.URL:
     try:
         return sqlalchemy.engine.make_url(url)
@@ -67,13 +102,22 @@ def parse_storage_url(url: str) -> sqlalchemy.engine.URL:
 
 
 def open_storage(
-    url: str, *, heartbeat: int = 60, on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None
-) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried) and pre-ping.
+    url: str,
+    *,
+    heartbeat: int = 60,
+    on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None,
+    patience: float = DEFAULT_PATIENCE,
+    wait_to_open: bool = False,
+) -> PatientStorage:
+    """Optuna's RDB storage with heartbeats (a killed worker's trial is failed and retried), pre-ping, and
+    calls that wait up to ``patience`` seconds for a database that went away.
 
     A trial whose worker sent no heartbeat for ``3 * heartbeat`` seconds is failed and re-queued.
+    ``wait_to_open``: opening waits for the database too (a worker whose parent just opened it); otherwise
+    an unreachable database is an error at once (most likely a mistyped URL).
     """
     parsed = parse_storage_url(url)
+    quiet_optuna_fallback()
     engine_url = url
     if parsed.drivername == "postgresql":
         # The driver tuner's postgres extra installs (psycopg 3); SQLAlchemy before 2.1 would pick psycopg2.
@@ -91,19 +135,28 @@ def open_storage(
             with warnings.catch_warnings():
                 # Heartbeats are marked experimental in Optuna; they are what recovers a killed worker's trial.
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                storage = RDBStorage(
+                create = lambda: PatientStorage(  # noqa: E731
                     engine_url,
                     engine_kwargs=engine_kwargs,
                     heartbeat_interval=heartbeat,
                     grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=OnStaleTrial(on_stale),
                 )
+                backend = parsed.get_backend_name()
+                storage = (
+                    patiently(create, patience=patience, backend=backend, where=redact(url))
+                    if wait_to_open
+                    else create()
+                )
+            storage.patience, storage.shown = patience, redact(url)
             if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 _write_ahead_log(storage)
             return storage
         except sqlalchemy.exc.IntegrityError:
             # Two processes creating the schema at once: the loser finds the tables on a second try.
             time.sleep(0.5 * (attempt + 1))
+        except DatabaseAway:
+            raise
         except ImportError:
             raise StorageError(f"cannot open the study storage {redact(url)}: {_missing_driver(parsed)}") from None
         except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:

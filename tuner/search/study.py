@@ -15,6 +15,7 @@ from tuner import __version__
 from tuner.data import Dataset
 from tuner.errors import StorageError, TunerError
 from tuner.search.keys import StudyKey, TrialKey
+from tuner.search.outage import DEFAULT_PATIENCE
 from tuner.search.samplers import build_pruner, build_sampler
 from tuner.search.space import SearchSpace
 from tuner.search.storage import STUDIES_DIR, open_storage, redact
@@ -23,10 +24,16 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def open_study(
-    space: SearchSpace, storage_url: str, data: Dataset, artifacts_dir: Path | None = None, *, heartbeat: int = 60
+    space: SearchSpace,
+    storage_url: str,
+    data: Dataset,
+    artifacts_dir: Path | None = None,
+    *,
+    heartbeat: int = 60,
+    patience: float = DEFAULT_PATIENCE,
 ) -> optuna.Study:
     """Create the study, or load it if it exists and was made from the same space (resume)."""
-    storage = open_storage(storage_url, heartbeat=heartbeat)
+    storage = open_storage(storage_url, heartbeat=heartbeat, patience=patience)
     name = space.study.name
     study = optuna.create_study(
         study_name=name,

@@ -26,6 +26,7 @@ from tuner.errors import StorageError, TunerError
 from tuner.search.budget import TrialBudget, open_trials
 from tuner.search.keys import StudyKey
 from tuner.search.objective import EpochProgress
+from tuner.search.outage import DEFAULT_PATIENCE, DatabaseAway
 from tuner.search.resources import gpu_slots, threads_per_worker
 from tuner.search.samplers import SAMPLERS
 from tuner.search.space import SearchSpace
@@ -72,6 +73,7 @@ def run_optimize(
     threads: int | None = None,
     join: bool = False,
     heartbeat: int = 60,
+    storage_patience: float = DEFAULT_PATIENCE,
     warm_start_from: optuna.Study | None = None,
     warm_start_top_k: int = 3,
     plan: bool = False,
@@ -100,7 +102,14 @@ def run_optimize(
     if join:
         _check_joinable(space.study.name, storage_url)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
-    study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat)
+    if storage_patience > 2 * heartbeat:
+        log.warning(
+            "--storage-patience %.0f is over two heartbeats (--heartbeat %d): a trial running through a database "
+            "outage that long may be taken for a dead worker's and run again",
+            storage_patience,
+            heartbeat,
+        )
+    study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat, patience=storage_patience)
     if space.study.constraints and not SAMPLERS[space.study.sampler.name].uses_constraints:
         log.warning(
             "sampler %r draws without regard to study.constraints; they still decide which trial is best",
@@ -122,6 +131,7 @@ def run_optimize(
         "storage_url": storage_url,
         "cache_dir": cache_dir,
         "heartbeat": heartbeat,
+        "storage_patience": storage_patience,
     }
     if n_workers == 1:
         gpu = slots[0] if slots else None
@@ -163,6 +173,10 @@ def _supervise(
     except KeyboardInterrupt:
         for proc in running.values():
             proc.join(timeout=30)
+        raise
+    except DatabaseAway:
+        for proc in running.values():  # they saw the same outage and give up within their own patience
+            proc.join()
         raise
     _report_new(study, seen, callbacks)
     return study

@@ -26,6 +26,7 @@ from tuner.search.budget import TrialBudget, drop_orphans, open_trials
 from tuner.search.keys import StudyKey, TrialKey
 from tuner.search.objective import EpochProgress, Objective
 from tuner.search.optuna_internals import fail_trial, reread
+from tuner.search.outage import DEFAULT_PATIENCE
 from tuner.search.preemption import SavedTrials, TrialPreempted, requeue
 from tuner.search.resources import see_only_gpu, use_threads, worker_name
 from tuner.search.samplers import build_pruner, build_sampler
@@ -103,6 +104,7 @@ def work(
     device: str | None = None,
     sampler_seed_offset: int = 0,
     heartbeat: int = 60,
+    storage_patience: float = DEFAULT_PATIENCE,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
     dataset: Dataset | None = None,
     threads: int | None = None,
@@ -118,7 +120,9 @@ def work(
     if threads is not None:
         use_threads(threads)
     dataset = dataset or prepare(space, cache_dir=cache_dir)
-    storage = open_storage(storage_url, heartbeat=heartbeat, on_stale=_give_back_stale)
+    storage = open_storage(
+        storage_url, heartbeat=heartbeat, on_stale=_give_back_stale, patience=storage_patience, wait_to_open=True
+    )
     sampler_settings = space.study.sampler.model_copy(update={"seed": space.study.sampler.seed + sampler_seed_offset})
     study = optuna.load_study(
         study_name=space.study.name,
