@@ -140,10 +140,12 @@ def test_breastmnist_given_splits(breastmnist, tmp_path):
 
 def test_label_aliases_merge_classes(tmp_path):
     root = make_image_folder(tmp_path / "d", {"normal": 10, "benign": 10, "malignant": 8})
-    ds = load_dataset(
-        str(root), image_size=12, cache_dir=tmp_path / "c", label_aliases={"normal": "benign", "malignant": "cancer"}
-    )
+    aliases = {"normal": "benign", "malignant": "cancer"}
+    ds = load_dataset(str(root), image_size=12, cache_dir=tmp_path / "c", label_aliases=aliases, include_test=True)
     assert ds.class_names == ("benign", "cancer")
+    splits = [ds.train, ds.val, ds.test]
+    counts = np.bincount(np.concatenate([split.labels for split in splits]), minlength=2)
+    assert counts.tolist() == [20, 8], "every normal image joined benign; none dropped"
 
 
 def test_synthetic_is_deterministic_and_imbalanced():

@@ -60,32 +60,88 @@ def test_a_ctrl_c_the_garbage_collector_swallows_still_stops_training(tiny_data,
         signal.signal(signal.SIGINT, previous)
 
 
+# What each name must build, written out here rather than read from the registry: a registry that maps
+# "adam" to SGD fails this test.
+OPTIMIZER_CLASSES = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def _expected_lrs(scheduler: str, lr: float) -> list[float] | None:
+    """The rate of each of 4 epochs for step_size=2, milestones=(2, 3), gamma=0.5, worked out by hand."""
+    return {
+        "none": [lr] * 4,
+        "step": [lr, lr, lr / 2, lr / 2],
+        "multistep": [lr, lr, lr / 2, lr / 4],
+        "exponential": [lr, lr / 2, lr / 4, lr / 8],
+        "cosine": [lr * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4)],
+    }.get(scheduler)
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_every_optimizer_and_scheduler_trains(tiny_data, optimizer, scheduler):
+    from tuner.train.build import build_components
+
+    lr = 3e-3 if optimizer != "sgd" else 3e-2
     hp = Hyperparameters(
         width=8,
         depth=2,
         optimizer=optimizer,
         scheduler=scheduler,
-        lr=3e-3 if optimizer != "sgd" else 3e-2,
+        lr=lr,
         batch_size=32,
         step_size=2,
         milestones=(2, 3),
         gamma=0.5,
+        momentum=0.8,
     )
+    built = build_components(hp, tiny_data, SETTINGS, seed=0).optimizer
+    assert type(built) is OPTIMIZER_CLASSES[optimizer]
+    assert built.defaults.get("momentum", 0.8) == 0.8
     _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
     losses = result.history["train_loss"]
     assert losses[-1] < losses[0], losses
     assert result.epochs_run == 4 and 1 <= result.best_epoch <= 4
-    if scheduler not in ("none", "plateau"):
-        assert result.history["lr"][-1] != result.history["lr"][0]
+    lrs = result.history["lr"]
+    expected = _expected_lrs(scheduler, lr)
+    if expected is not None:
+        assert lrs == pytest.approx(expected, rel=1e-6), lrs
+    elif scheduler == "onecycle":  # per step: up from lr/25 to lr, then down to lr/25/1e4 at the last step
+        assert lr / 25 < lrs[0] <= lr and lrs[-1] < lr / 1000 and max(lrs) <= lr, lrs
+    else:  # plateau: lowered by its factor, never raised
+        assert all(b == a or b == pytest.approx(a * 0.1) for a, b in zip(lrs, lrs[1:], strict=False)), lrs
 
 
-def test_gradient_accumulation_and_focal_loss_train(tiny_data):
-    hp = Hyperparameters(
-        width=8, depth=2, batch_size=16, accumulate_steps=4, loss="focal", class_weights="balanced", lr=5e-3
-    )
+def test_gradient_accumulation_of_four_batches_of_16_is_one_step_on_64(tiny_data):
+    """Four batches of 16 accumulated make the same update as one batch of 64 (the loss of each scaled by
+    a quarter); stepping after every batch of 16 does not."""
+    import copy
+
+    from tuner.train.loop import train_one_epoch
+    from tuner.train.optim import LRSchedule
+
+    torch.manual_seed(0)
+    hp = Hyperparameters(model="mlp", hidden_sizes=(32,), dropout=0.0, batch_norm=False)  # no batch statistics
+    model = build_classifier(hp, num_classes=2, channels=3, image_size=16)
+    x, y = torch.rand(128, 3, 16, 16), torch.randint(0, 2, (128,))
+
+    def trained(batch_size: int, accumulate: int) -> torch.nn.Module:
+        m = copy.deepcopy(model)
+        batches = [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, 128, batch_size)]
+        train_one_epoch(
+            m,
+            batches,
+            loss_fn=torch.nn.CrossEntropyLoss(),
+            optimizer=torch.optim.SGD(m.parameters(), lr=0.5),
+            schedule=LRSchedule(None, "none"),
+            accumulate_steps=accumulate,
+        )
+        return m
+
+    whole, accumulated, every = trained(64, 1), trained(16, 4), trained(16, 1)
+    for (name, a), b, c in zip(whole.named_parameters(), accumulated.parameters(), every.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+        assert not torch.allclose(a, c, atol=1e-4), name
+    hp = Hyperparameters(width=8, depth=2, batch_size=16, accumulate_steps=4, loss="focal", lr=5e-3)
     _, result = train_model(hp, tiny_data, SETTINGS, seed=0)
     assert result.history["train_loss"][-1] < result.history["train_loss"][0]
 
@@ -205,7 +261,7 @@ def test_per_class_multipliers_and_weights_train_by_class_name(tagged_data):
 
 
 @pytest.mark.parametrize("strategy", IMBALANCES)
-def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, strategy):
+def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, strategy, monkeypatch):
     import numpy as np
 
     from tuner.data.imbalance import SYNTHESIZING, epoch_indices, target_counts
@@ -228,6 +284,24 @@ def test_every_imbalance_strategy_keeps_its_promise_on_training_only(tiny_data, 
     else:
         assert drawn.tolist() == list(target_counts(c.pool_labels, c.strategy, 2.0, c.multipliers).values())
     assert torch.equal(tiny_data.val.images, val_before), "validation is never resampled"
+    # ...and the training loop trains on what the strategy draws: the labels of the batches of one epoch
+    import tuner.train.run as run
+
+    trained: list[torch.Tensor] = []
+
+    def recording(pool, order, *args, **kwargs):  # tuner's own batching, watched (training batches only)
+        for x, y in real(pool, order, *args, **kwargs):
+            if pool is not tiny_data.val:
+                trained.append(y)
+            yield x, y
+
+    real = run.iterate_batches
+    monkeypatch.setattr(run, "iterate_batches", recording)
+    one_epoch = RunSettings(max_epochs=1, patience=None, monitor="val_auroc", mode="max")
+    train_model(hp, tiny_data, one_epoch, seed=0)
+    seen = np.bincount(torch.cat(trained).numpy(), minlength=2)
+    epoch = epoch_indices(c.pool_labels, c.strategy, ratio=2.0, seed=0 * 1009 + 1, multipliers=c.multipliers)  # epoch 1
+    assert seen.tolist() == np.bincount(c.pool_labels[epoch], minlength=2).tolist(), strategy
 
 
 def _direct_fit(data: DeviceData, **overrides):

@@ -3,6 +3,7 @@ scaler), channels_last, and the out-of-memory retry at smaller batch sizes, inje
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import optuna
@@ -15,7 +16,7 @@ from tuner.data.device import DeviceData
 from tuner.search.storage import open_storage
 from tuner.train.build import RunSettings, build_components
 from tuner.train.hparams import Hyperparameters
-from tuner.train.loop import fit
+from tuner.train.loop import Interrupted, fit
 from tuner.train.losses import logits_to_probs
 from tuner.train.metrics import classification_metrics
 from tuner.train.models import BUILTIN_MODELS, SmallCNN
@@ -93,6 +94,21 @@ def test_fp16_with_the_gradient_scaler_trains_on_cpu(data):
     assert {dtype for _, dtype, _ in seen} == {torch.float16}
     losses = result.history["train_loss"]
     assert all(map(torch.isfinite, torch.tensor(losses))) and losses[-1] < losses[0]
+    # The scaler took every step: stopped before the last epoch, its state (saved for a resume) has a scale
+    # (a power of two, at most the initial 2**16) and counts one growth-tracker tick per step since any overflow.
+    checks = 0
+
+    def stop() -> bool:
+        nonlocal checks
+        checks += 1
+        return checks > 2 * (steps_per_epoch + 1)  # a check before each batch and one after each epoch
+
+    steps_per_epoch = -(-len(data.train) // 32)
+    with pytest.raises(Interrupted) as stopped:
+        _fit(data, hp, GPU_LIKE, amp_dtype=torch.float16, grad_clip=1.0, stop=stop)
+    state = stopped.value.snapshot.scaler
+    assert state is not None and stopped.value.snapshot.progress.epoch == 2
+    assert math.log2(state["scale"]) in range(17) and 0 < state["_growth_tracker"] <= 2 * steps_per_epoch, state
 
 
 class MemoryHungryCNN(SmallCNN):

@@ -108,3 +108,87 @@ def test_every_metric_a_space_can_name_is_computed_and_nothing_else(classes):
         assert StudySettings(metric=name).metric == name
     with pytest.raises(ValidationError, match="val_auroc"):
         StudySettings(metric="val_mcc")
+
+
+# Eight validation scores with one best cut for each rule, worked out by hand:
+#   positives 0.45 0.5 0.7 0.8, negatives 0.1 0.2 0.4 0.6 (predict positive when score >= t)
+#   t:            0.8   0.7   0.6   0.5   0.45  0.4
+#   recall:       1/4   2/4   2/4   3/4   4/4   4/4
+#   fpr:          0     0     1/4   1/4   1/4   2/4
+#   tpr - fpr:    .25   .50   .25   .50   .75   .50   -> youden 0.45
+#   F1:           .40   .67   .57   .75   .89   .80   -> max_f1 0.45
+#   highest t with recall >= 0.75: 0.5; with recall >= 1: 0.45
+HAND_SCORES = [0.45, 0.5, 0.7, 0.8, 0.1, 0.2, 0.4, 0.6]
+HAND_TARGET = [1, 1, 1, 1, 0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("rule", "recall", "expected"),
+    [("youden", 0.95, 0.45), ("max_f1", 0.95, 0.45), ("target_recall", 0.75, 0.5), ("target_recall", 1.0, 0.45),
+     ("fixed", 0.95, 0.5)],
+)  # fmt: skip
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_threshold_rules_pick_the_cut_worked_out_by_hand(rule, recall, expected, positive_index):
+    from tuner.train.metrics import choose_threshold
+
+    score = torch.tensor(HAND_SCORES)
+    probs = torch.stack([score, 1 - score] if positive_index == 0 else [1 - score, score], 1)
+    is_pos = torch.tensor(HAND_TARGET)
+    target = is_pos if positive_index == 1 else 1 - is_pos
+    got = choose_threshold(probs, target, positive_index=positive_index, rule=rule, recall=recall)
+    assert got == pytest.approx(expected)
+    if rule == "youden":  # and against scikit-learn's ROC curve
+        fpr, tpr, cuts = skm.roc_curve(HAND_TARGET, HAND_SCORES)
+        assert got == pytest.approx(cuts[np.argmax(tpr - fpr)])
+
+
+def _binary_probs(score: np.ndarray) -> torch.Tensor:
+    p = torch.tensor(score, dtype=torch.float32)
+    return torch.stack([1 - p, p], 1)
+
+
+def test_bootstrap_ci_of_auroc_matches_its_known_standard_error():
+    """Scores of 300 positives ~ N(1, 1) and 300 negatives ~ N(0, 1) (logistic-squashed): the 95% interval's
+    half-width is close to 1.96 times Hanley and McNeil's standard error of the AUROC, computed independently."""
+    from scipy.stats import norm
+
+    from tuner.final.evaluation import bootstrap_ci
+    from tuner.train.metrics import classification_metrics
+
+    rng = np.random.default_rng(0)
+    n = 300
+    raw = np.concatenate([rng.normal(1, 1, n), rng.normal(0, 1, n)])
+    target = torch.tensor([1] * n + [0] * n)
+    probs = _binary_probs(1 / (1 + np.exp(-raw)))
+    auc = classification_metrics(probs, target)["auroc"]
+    assert auc == pytest.approx(norm.cdf(1 / np.sqrt(2)), abs=0.04)  # the population AUROC, 0.760
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    se = np.sqrt((auc * (1 - auc) + (n - 1) * (q1 - auc**2) + (n - 1) * (q2 - auc**2)) / (n * n))
+    low, high = bootstrap_ci([probs], target, metric_fn=classification_metrics, bootstrap=400)["auroc"]
+    assert low < auc < high
+    assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.2), (low, high, se)
+
+
+def test_grouped_bootstrap_resamples_whole_patients():
+    """Each of 120 patients contributes four identical images: resampling images treats copies as independent
+    evidence and narrows the interval by about sqrt(4); resampling patients (groups) gives the width of
+    120 independent images."""
+    from tuner.final.evaluation import bootstrap_ci
+    from tuner.train.metrics import classification_metrics
+
+    rng = np.random.default_rng(1)
+    n = 120
+    raw = np.concatenate([rng.normal(1, 1, n // 2), rng.normal(0, 1, n // 2)])
+    labels = np.array([1] * (n // 2) + [0] * (n // 2))
+    one = bootstrap_ci([_binary_probs(raw)], torch.tensor(labels), metric_fn=classification_metrics, bootstrap=400)
+    copies = np.repeat(raw, 4), torch.tensor(np.repeat(labels, 4))
+    groups = np.repeat(np.arange(n), 4)
+    kw = {"metric_fn": classification_metrics, "bootstrap": 400}
+    by_image = bootstrap_ci([_binary_probs(copies[0])], copies[1], **kw)
+    by_patient = bootstrap_ci([_binary_probs(copies[0])], copies[1], groups=groups, **kw)
+    width = {
+        name: ci["auroc"][1] - ci["auroc"][0]
+        for name, ci in [("one", one), ("image", by_image), ("patient", by_patient)]
+    }
+    assert width["patient"] == pytest.approx(width["one"], rel=0.2), width
+    assert width["patient"] / width["image"] == pytest.approx(2.0, rel=0.2), width

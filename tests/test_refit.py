@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import shutil
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -58,10 +60,13 @@ def _read_predictions(path: Path) -> dict[str, np.ndarray]:
     return {name: np.array([[float(r["p_benign"]), float(r["p_malignant"])] for r in rs]) for name, rs in rows.items()}
 
 
-def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, lesion_npz):
+def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, lesion_npz, monkeypatch):
     assert optimized.user_attrs["test_set_reads"] == []
     best = optimized.best_trial
-    result = invoke("refit", "--study", "tiny", "--best", "--seeds", "2", "--bootstrap", "200")
+    typed = ["refit", "--study", "tiny", "--best", "--seeds", "2", "--bootstrap", "200"]
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/tuner", *typed])  # as the console script sets it
+    began = datetime.now(timezone.utc).replace(microsecond=0)
+    result = invoke(*typed)
     assert result.exit_code == 0, result.output
     assert "test set, n=70" in result.stdout and "auroc" in result.stdout
 
@@ -95,6 +100,8 @@ def test_refit_reads_the_test_set_once_and_reports_honestly(optimized, workdir, 
     # The audit shows exactly one read of the test labels, by this refit.
     reads = load_existing_study("tiny", None).user_attrs["test_set_reads"]
     assert len(reads) == 1 and reads[0]["trial"] == best.number and reads[0]["what"] == "refit"
+    assert reads[0]["command"] == "tuner " + " ".join(typed) and reads[0]["seeds"] == report["seeds"]
+    assert began <= datetime.fromisoformat(reads[0]["when"]) <= datetime.now(timezone.utc)
 
     # Output is never overwritten silently.
     again = invoke("refit", "--study", "tiny", "--bootstrap", "50")
@@ -293,6 +300,24 @@ def test_study_report(optimized, workdir):
     summary = json.loads((folder / "report.json").read_text())
     assert summary["top_trials"][0]["number"] == optimized.best_trial.number
     assert (folder / "optimization_history.png").exists() and (folder / "report.md").exists()
+    # This study searches lr alone: all of the importance is its.
+    assert summary["importances"] == {"lr": pytest.approx(1.0)} and (folder / "importances.png").exists()
+
+
+def test_study_report_ranks_the_parameter_that_decides_the_value_first(tmp_path):
+    """On a study whose value is x alone (y is noise), the report's importances (Optuna's fANOVA) give x
+    nearly all of it; they are drawn and tabled."""
+    from tuner.final.report import study_report
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", 0, 1) + 0 * t.suggest_float("y", 0, 1), n_trials=20)
+    summary = study_report(study, tmp_path)
+    importances = summary["importances"]
+    assert set(importances) == {"x", "y"} and importances["x"] > 0.9, importances
+    assert sum(importances.values()) == pytest.approx(1.0, abs=1e-6)
+    table = (tmp_path / "report.md").read_text()
+    assert all(f"| {name} | {value:.3f} |" in table for name, value in importances.items())
+    assert (tmp_path / "importances.png").exists()
 
 
 def test_cross_validated_objective_reports_per_fold(workdir, lesion_npz):

@@ -36,6 +36,8 @@ def _preempt_mid_trial(name: str, url: str, job: str, env: dict, spare: int) -> 
     deadline = time.time() + 180
     while time.time() < deadline:
         for trial in _study(name, url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if "worker" not in trial.user_attrs:
+                continue  # just created: its worker has not written its attributes yet
             pid = int(trial.user_attrs["worker"].rsplit(":", 1)[1])
             if pid == spare:
                 continue

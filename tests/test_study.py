@@ -200,11 +200,11 @@ def _has_running_trial(db: Path) -> bool:
         return False
 
 
-def test_ctrl_c_leaves_no_trial_running(workdir):
+def test_ctrl_c_leaves_no_trial_running_and_the_same_command_goes_on(workdir):
     space = tiny_space(
         study={"n_trials": 50},
         data={"image_size": 32, "synthetic": {"n_images": 400, "minority_fraction": 0.2}},
-        train={"max_epochs": 200},
+        train={"max_epochs": 200, "patience": 3},
     )
     path = write_space(workdir / "s.yaml", space)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "PYTHONFAULTHANDLER": "1"}
@@ -226,9 +226,16 @@ def test_ctrl_c_leaves_no_trial_running(workdir):
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
-    assert "interrupted" in stderr
-    states = [t.state for t in load("tiny", workdir).get_trials()]
-    assert states and TrialState.RUNNING not in states
+    assert "interrupted: the running trial was marked FAILED; run the same command again to resume" in stderr
+    before = load("tiny", workdir).get_trials()
+    assert before and before[-1].state == TrialState.FAIL
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in before[:-1])
+    # The same command (here with one trial to add) goes on with the study: its trials kept, one more run.
+    again = invoke("optimize", "--space", path, "--n-trials", "1")
+    assert again.exit_code == 0, again.output
+    after = load("tiny", workdir).get_trials()
+    assert [t.state for t in after[: len(before)]] == [t.state for t in before]
+    assert len(after) == len(before) + 1 and after[-1].state in (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def test_interrupted_exit_is_not_held_up_by_a_thread_nothing_will_stop():
@@ -305,10 +312,7 @@ def test_a_study_that_stopped_improving_stops_by_itself_with_its_reason(workdir)
     again = invoke("optimize", "--space", path, "--n-trials", "2")
     assert again.exit_code == 0 and "stopped early" not in again.stdout
     assert len(load("stale", workdir).trials) == 6 and load("stale", workdir).user_attrs["stopped"] is None
-    # Any improvement counts with min_delta 0: a study that keeps improving is not stopped.
-    keeps = tiny_space(study={"name": "fresh", "n_trials": 3, "artifacts": False, "stop": {"patience": 5}})
-    assert invoke("optimize", "--space", write_space(workdir / "f.yaml", keeps)).exit_code == 0
-    assert len(load("fresh", workdir).trials) == 3
+    # Which trial sequences must stop and which must not: tests/test_stop.py, on the rule itself.
 
 
 def test_cmaes_sampler_runs_a_study(workdir):
@@ -322,3 +326,60 @@ def test_cmaes_sampler_runs_a_study(workdir):
     first, second = load("tiny", workdir).get_trials()
     assert first.state == second.state == TrialState.COMPLETE
     assert "cma:generation" not in first.system_attrs and "cma:generation" in second.system_attrs
+
+
+def _model_that(fails_with: BaseException):
+    """A built-in model name whose forward pass raises ``fails_with``."""
+    from tuner.train.models import SmallCNN
+
+    class Failing(SmallCNN):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            raise fails_with
+
+    def build(in_chans, image_size, *, width, depth, batch_norm, pooling):  # noqa: ANN001, ANN202
+        return Failing(in_chans, width=width, depth=depth, batch_norm=batch_norm, pooling=pooling)
+
+    return build
+
+
+@pytest.mark.parametrize("fault", ["crash", "deterministic"])
+def test_a_crashed_trial_is_retried_twice_with_its_parameters_and_a_deterministic_fault_never(
+    workdir, monkeypatch, fault
+):
+    from tuner.errors import TunerError
+    from tuner.train.models import BUILTIN_MODELS
+
+    error = RuntimeError("driver hiccup") if fault == "crash" else TunerError("this combination cannot work")
+    monkeypatch.setitem(BUILTIN_MODELS, "failing", _model_that(error))
+    space = tiny_space(study={"n_trials": 1, "artifacts": False}, params={"model": "failing"})
+    result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
+    assert result.exit_code == 2 and "5 trials in a row failed" in result.stderr, result.output
+    trials = load("tiny", workdir).get_trials(deepcopy=False)
+    assert [t.state for t in trials[:5]] == [TrialState.FAIL] * 5
+    retry_of = [t.user_attrs.get("retry_of") for t in trials]
+    if (
+        fault == "crash"
+    ):  # 0, its two retries, then a new draw, its first retry and (queued for the next run) its second
+        assert retry_of == [None, 0, 0, None, 3, 3] and trials[5].state == TrialState.WAITING
+        assert [t.user_attrs.get("crash_retries") for t in trials] == [None, 1, 2, None, 1, 2]
+        assert trials[0].params == trials[1].params == trials[2].params != trials[3].params
+    else:
+        assert len(trials) == 5
+        assert retry_of == [None] * 5
+        assert all(t.user_attrs["fail_reason"] == "this combination cannot work" for t in trials)
+
+
+def test_timeout_cache_dir_and_a_key_removed_with_set_null(workdir):
+    """--timeout stops starting trials once it has passed; --cache-dir is where the decoded images go;
+    --set params.dropout=null removes the searched dropout, so no trial suggests it."""
+    space = tiny_space(study={"n_trials": 50, "artifacts": False}, params={"dropout": {"low": 0.0, "high": 0.5}})
+    path = write_space(workdir / "s.yaml", space)
+    began = time.monotonic()
+    result = invoke(
+        "optimize", "--space", path, "--timeout", "2", "--cache-dir", "decoded", "--set", "params.dropout=null"
+    )
+    assert result.exit_code == 0, result.output
+    trials = load("tiny", workdir).get_trials(deepcopy=False)
+    assert 1 <= len(trials) < 50 and time.monotonic() - began < 60
+    assert all(t.state == TrialState.COMPLETE and "dropout" not in t.params for t in trials)
+    assert list((workdir / "decoded").glob("*.npy")) and not (workdir / "studies" / "cache").exists()

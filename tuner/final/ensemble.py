@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shlex
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,7 +208,6 @@ def run_ensemble(
                 "trial": m.trial.number,
                 "what": "ensemble",
                 "members": [x.name for x in members],
-                "command": shlex.join(["tuner", *sys.argv[1:]]),
             },
         )
 

@@ -22,7 +22,7 @@ from tuner.errors import TunerError
 from tuner.final.report import write_report
 from tuner.final.results import Estimate, EvaluationReport, Summary
 from tuner.metric_names import METRIC_NAMES, REPORT_ORDER
-from tuner.search import STUDIES_DIR, DataSettings, SearchSpace, StudyKey, prepare
+from tuner.search import STUDIES_DIR, DataSettings, SearchSpace, StudyKey, prepare, redacted_command
 from tuner.train import average_probabilities, evaluation_report, load_model, plot_confusion, plot_roc_pr
 
 
@@ -46,7 +46,8 @@ def check_test_reuse(study: optuna.Study, trial_number: int, allow: bool) -> str
 
 
 def record_test_read(study: optuna.Study, entry: dict) -> None:
-    entry = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry}
+    """Add ``entry`` to the study's audit of test-set reads, with when (UTC) and the command (no password)."""
+    entry = {"when": datetime.now(timezone.utc).isoformat(timespec="seconds"), **entry, "command": redacted_command()}
     study.set_user_attr(StudyKey.TEST_SET_READS, [*test_reads(study), entry])
 
 

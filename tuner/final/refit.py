@@ -10,8 +10,6 @@ probabilities. The test set is read through :mod:`tuner.final.evaluation`, which
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -138,7 +136,7 @@ def run_refit(
     ]
     record_test_read(
         study,
-        {"trial": trial.number, "seeds": seed_list, "command": shlex.join(["tuner", *sys.argv[1:]]), "what": "refit"},
+        {"trial": trial.number, "seeds": seed_list, "what": "refit"},
     )
     rule = space.study.threshold
     scores = score_runs(

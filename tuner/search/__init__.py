@@ -28,7 +28,15 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         parse_space,
         suggest,
     )
-    from tuner.search.storage import STUDIES_DIR, copy_study, default_storage, load_existing_study, open_storage, redact
+    from tuner.search.storage import (
+        STUDIES_DIR,
+        copy_study,
+        default_storage,
+        load_existing_study,
+        open_storage,
+        redact,
+        redacted_command,
+    )
     from tuner.search.study import best_trial, best_value, feasibility, feasible, ranked_trials, trial_summary
     from tuner.search.supervisor import run_optimize
     from tuner.search.trial_data import TrialData, prepare, space_at_size

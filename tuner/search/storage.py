@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import shlex
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +39,19 @@ def redact(url: str) -> str:
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         return "<malformed storage URL>"
+
+
+def redacted_command(argv: Sequence[str] | None = None) -> str:
+    """The command running now (``tuner`` and ``argv``, by default this process's arguments) as one line,
+    with the password of any URL in it hidden: it is stored in the study and shown in reports."""
+    shown = []
+    for arg in sys.argv[1:] if argv is None else argv:
+        flag, eq, value = arg.partition("=")
+        if eq and flag.startswith("-") and "://" in value:
+            shown.append(f"{flag}={redact(value)}")
+        else:
+            shown.append(redact(arg) if "://" in arg else arg)
+    return shlex.join(["tuner", *shown])
 
 
 class OnStaleTrial:

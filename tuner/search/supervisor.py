@@ -154,7 +154,7 @@ def _supervise(
     """Start ``n_workers`` worker processes and watch them until none is left: a worker that died is
     recovered (its trial failed and re-queued) and replaced while trials are left; finished trials and
     running epochs are reported from the storage."""
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    context = _worker_context()
 
     def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
         # Sampler seeds differ per worker and per replacement, so no two draw the same sequence.
@@ -164,11 +164,13 @@ def _supervise(
         proc.start()
         return proc
 
-    running = {i: start(i, 0) for i in range(n_workers)}
-    respawns = dict.fromkeys(running, 0)
+    running: dict[int, multiprocessing.process.BaseProcess] = {}
+    respawns = dict.fromkeys(range(n_workers), 0)
     seen: set[int] = set()
     try:
-        with interrupts.preemptible():
+        with interrupts.preemptible():  # from the first start: a signal while workers start is passed on too
+            for i in range(n_workers):
+                running[i] = start(i, 0)
             _watch(study, budget, running, respawns, seen, start, callbacks, on_epoch)
     except KeyboardInterrupt:
         for proc in running.values():
@@ -180,6 +182,17 @@ def _supervise(
         raise
     _report_new(study, seen, callbacks)
     return study
+
+
+def _worker_context() -> Any:
+    """Workers are forked from a server process that imported torch and tuner once and nothing else, so
+    each starts in a fraction of a second instead of importing them again; the server never touches
+    CUDA, which cannot be forked once started. Where there is no fork server (Windows), spawn."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["tuner.search.workers"])
+    return context
 
 
 def _watch(
