@@ -103,10 +103,8 @@ def load_dataset(
     parts: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
     for name, block in blocks.items():
         images, hits[name] = _decoded(block, src.fingerprint, image_size, channels, cache_dir)
-        keep = np.array([not (v in aliases and aliases[v] in block.labels) for v in block.labels], dtype=bool)
-        images = images[keep]
-        labels = np.array([aliases.get(v, v) for v in block.labels], dtype=object)[keep]
-        groups = np.array(block.groups, dtype=object)[keep] if block.groups is not None else None
+        labels = np.array([aliases.get(v, v) for v in block.labels], dtype=object)
+        groups = np.array(block.groups, dtype=object) if block.groups is not None else None
         tags = np.array(block.tags, dtype=object) if block.tags is not None else None
         parts[name] = (images, labels, groups, tags)
 

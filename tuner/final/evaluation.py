@@ -64,7 +64,6 @@ def bootstrap_ci(
     ``metric_fn``: one for all seeds, or one per seed (each at its own threshold)."""
     rng = np.random.default_rng(seed)
     fns = list(metric_fn) if isinstance(metric_fn, Sequence) else [metric_fn] * len(probs_per_seed)
-    groups = None
     if groups is None:
         units = [np.array([i]) for i in range(len(target))]
     else:
@@ -82,7 +81,7 @@ def bootstrap_ci(
     for name, vals in values.items():
         finite = [v for v in vals if math.isfinite(v)]
         out[name] = (
-            (float(np.percentile(finite, 10)), float(np.percentile(finite, 90))) if finite else (math.nan, math.nan)
+            (float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))) if finite else (math.nan, math.nan)
         )
     return out
 

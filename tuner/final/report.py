@@ -89,7 +89,7 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     importances: dict[str, float] = {}
     if len(completed) >= 2:
         try:
-            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study, params=["nothing"]).items()}
+            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
         except (RuntimeError, ValueError):  # e.g. no parameter varies
             importances = {}
     summary = {

@@ -65,7 +65,7 @@ def gpu_slots(gpus: list[int], workers_per_gpu: int) -> list[int]:
         if workers_per_gpu > 1:
             raise TunerError("--workers-per-gpu needs --gpus, the GPUs to share (e.g. --gpus 0,1)")
         return []
-    return [gpus[0] for gpu in gpus for _ in range(workers_per_gpu)]
+    return [gpu for gpu in gpus for _ in range(workers_per_gpu)]
 
 
 def see_only_gpu(gpu: int) -> None:

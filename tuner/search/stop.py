@@ -48,7 +48,7 @@ class MinDeltaStagnation:
                 break
             earlier = [v for v in values[:-k] if v is not None]
             recent = [v for v in values[-k:] if v is not None]
-            if not earlier or (recent and max(recent) - max(earlier) >= 0):
+            if not earlier or (recent and max(recent) - max(earlier) >= self.min_delta):
                 break
             stagnant, self.best_before = k, sign * max(earlier)
         return float(self.patience - 1 - stagnant)

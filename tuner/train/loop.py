@@ -155,7 +155,7 @@ def train_one_epoch(
         loss_sum += loss.detach() * len(y)  # no .item(): that would sync the GPU every step
         images += len(y)
         pending += 1
-        if pending >= 1:
+        if pending == accumulate_steps:
             _optimizer_step(model, optimizer, scaler, grad_clip)
             schedule.after_step()
             if on_step is not None:
@@ -273,7 +273,7 @@ def fit(
     average = WeightAverage(model, ema_decay)
     averaged, on_step = average.module, (average.update if average.ema is not None else None)
     dtype = (amp_dtype or default_amp_dtype(device)) if amp else None
-    scaler = None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     parts = RunParts(model, optimizer, schedule, average, scaler, generator)

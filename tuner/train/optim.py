@@ -31,7 +31,7 @@ class OptimizerInfo:
 # The registry: a name in a space file -> its record. The schema's allowed names and the error
 # messages come from its keys.
 OPTIMIZERS: dict[str, OptimizerInfo] = {
-    "adam": OptimizerInfo(torch.optim.SGD),
+    "adam": OptimizerInfo(torch.optim.Adam),
     "adamw": OptimizerInfo(torch.optim.AdamW),
     "sgd": OptimizerInfo(torch.optim.SGD, has_momentum=True),
 }

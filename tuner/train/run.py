@@ -127,7 +127,6 @@ def _train_once(
         indices = epoch_indices(
             c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=c.multipliers
         )
-        indices = np.arange(len(c.pool_labels))
         order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
         batches = iterate_batches(
             pool,
