@@ -110,21 +110,21 @@ def test_every_metric_a_space_can_name_is_computed_and_nothing_else(classes):
         StudySettings(metric="val_mcc")
 
 
-# Eight validation scores with one best cut for each rule, worked out by hand:
-#   positives 0.45 0.5 0.7 0.8, negatives 0.1 0.2 0.4 0.6 (predict positive when score >= t)
-#   t:            0.8   0.7   0.6   0.5   0.45  0.4
-#   recall:       1/4   2/4   2/4   3/4   4/4   4/4
-#   fpr:          0     0     1/4   1/4   1/4   2/4
-#   tpr - fpr:    .25   .50   .25   .50   .75   .50   -> youden 0.45
-#   F1:           .40   .67   .57   .75   .89   .80   -> max_f1 0.45
-#   highest t with recall >= 0.75: 0.5; with recall >= 1: 0.45
-HAND_SCORES = [0.45, 0.5, 0.7, 0.8, 0.1, 0.2, 0.4, 0.6]
-HAND_TARGET = [1, 1, 1, 1, 0, 0, 0, 0]
+# Nine validation scores with one best cut for each rule, worked out by hand:
+#   positives 0.135 0.45 0.63 0.72, negatives 0.09 0.18 0.27 0.36 0.54 (predict positive when score >= t)
+#   t:          0.72  0.63  0.54  0.45  0.36  0.27  0.18  0.135
+#   recall:     1/4   2/4   2/4   3/4   3/4   3/4   3/4   4/4
+#   fpr:        0     0     1/5   1/5   2/5   3/5   4/5   4/5
+#   tpr - fpr:  .25   .50   .30   .55   .35   .15  -.05   .20   -> youden 0.45 (not the first cut of full recall)
+#   F1:         .40   .67   .57   .75   .67   .60   .55   .67   -> max_f1 0.45
+#   highest t with recall >= 0.75: 0.45; with recall >= 1: 0.135
+HAND_SCORES = [0.135, 0.45, 0.63, 0.72, 0.09, 0.18, 0.27, 0.36, 0.54]
+HAND_TARGET = [1, 1, 1, 1, 0, 0, 0, 0, 0]
 
 
 @pytest.mark.parametrize(
     ("rule", "recall", "expected"),
-    [("youden", 0.95, 0.45), ("max_f1", 0.95, 0.45), ("target_recall", 0.75, 0.5), ("target_recall", 1.0, 0.45),
+    [("youden", 0.95, 0.45), ("max_f1", 0.95, 0.45), ("target_recall", 0.75, 0.45), ("target_recall", 1.0, 0.135),
      ("fixed", 0.95, 0.5)],
 )  # fmt: skip
 @pytest.mark.parametrize("positive_index", [0, 1])
