@@ -103,7 +103,7 @@ def choose_threshold(
         return 0.5
     if rule == "youden":
         fpr, tpr, thresholds = tmf.binary_roc(score, is_pos)
-        best = int(torch.argmax(tpr))
+        best = int(torch.argmax(tpr - fpr))
         return float(thresholds[best].clamp(0, 1))
     precision, rec, thresholds = tmf.binary_precision_recall_curve(score, is_pos)
     precision, rec = precision[:-1], rec[:-1]  # the last point has no threshold
