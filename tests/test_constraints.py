@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import invoke, tiny_space, write_space
+from tuner.final.ensemble import pick_members
 from tuner.search import feasible, load_existing_study
 
 
@@ -55,6 +56,21 @@ def test_best_and_refit_pick_the_best_trial_within_the_constraints(workdir, lesi
     assert refit.exit_code == 0, refit.output
     report = json.loads((workdir / "studies" / "bounded" / "refit" / "report.json").read_text())
     assert report["trial"] == expected.number and report["constraint_values"][f"val_{metric}"] >= bound
+    # --top-k rescoring draws its candidates from within the constraints too.
+    feasible_ranked = [t.number for t in sorted((t for t in trials if feasible(t)), key=lambda t: -t.value)]
+    top = invoke(
+        "refit", "--study", "bounded", "--top-k", "2", "--bootstrap", "20", "--out", "topk", "--allow-test-reuse"
+    )
+    assert top.exit_code == 0, top.output
+    rescored = json.loads((workdir / "topk" / "report.json").read_text())["rescoring"]
+    assert [r["trial"] for r in rescored] == feasible_ranked[:2]
+    # So do an ensemble's members: each study's K best within its constraints, or with --per-model each
+    # architecture's best (one architecture here).
+    free_study = load_existing_study("free", None)
+    members = pick_members([bounded, free_study], top_k=3, per_model=False)
+    assert [m.trial.number for m in members if m.study is bounded] == feasible_ranked[:3]
+    per_model = pick_members([bounded, free_study], top_k=3, per_model=True)
+    assert [m.trial.number for m in per_model] == [expected.number, overall.number]
     study_report = invoke("report", "--study", "bounded")
     assert study_report.exit_code == 0
     top = json.loads((workdir / "studies" / "bounded" / "report" / "report.json").read_text())["top_trials"]

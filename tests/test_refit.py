@@ -271,6 +271,23 @@ def test_fold_ensemble_with_tta_is_saved_and_reproduced_by_evaluate(optimized, w
         assert float(row["p_malignant"]) == pytest.approx(expected_row[1], abs=1e-5)
 
 
+def test_refit_with_tta_flips_averages_the_four_flipped_views(optimized, workdir, lesion_npz):
+    """--tta flips: the saved model's probability for an image is the mean of its network's probabilities
+    for the image as it is, flipped left-right, up-down and both (computed here with numpy's flips)."""
+    import dataclasses
+
+    result = invoke("refit", "--study", "tiny", "--tta", "flips", "--bootstrap", "20")
+    assert result.exit_code == 0, result.output
+    saved = load_model(workdir / "studies" / "tiny" / "refit" / "model.pt")
+    assert saved.tta == "flips" and len(saved.models) == 1
+    images = np.load(lesion_npz)["test_images"][:16].transpose(0, 3, 1, 2)
+    plain = dataclasses.replace(saved, tta="none")
+    views = [images, images[..., ::-1], images[..., ::-1, :], images[..., ::-1, ::-1]]
+    by_hand = torch.stack([plain.probabilities(np.ascontiguousarray(v)) for v in views]).mean(0)
+    torch.testing.assert_close(saved.probabilities(images), by_hand, atol=1e-6, rtol=0)
+    assert not torch.allclose(plain.probabilities(images), by_hand, atol=1e-4)  # the views do differ
+
+
 def test_one_seed_of_folds_is_shown_as_the_final_model_beside_one_network(optimized, workdir):
     result = invoke("refit", "--study", "tiny", "--folds", "2", "--bootstrap", "20")
     assert result.exit_code == 0, result.output

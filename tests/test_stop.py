@@ -44,3 +44,14 @@ def test_minimising_and_this_run_only():
     assert not _stops(_study([0.5, 0.6, 0.55, 0.45], "minimize"), patience=3, min_delta=0.01)
     # The stagnant trials belong to an earlier run: this run has not yet had its patience's worth.
     assert not _stops(_study([0.8, 0.7, 0.75, 0.79]), patience=3, min_delta=0.01, began=2)
+
+
+def test_trials_outside_the_constraints_are_no_best_to_beat():
+    """study.stop judges values within study.constraints only: a high value that broke a constraint is no
+    best the later trials failed to beat, so its study goes on; counted, it would stop it."""
+    study = optuna.create_study(direction="maximize")
+    for value, violation in [(0.9, 0.2), (0.7, 0.0), (0.72, 0.0), (0.74, 0.0)]:
+        study.add_trial(optuna.trial.create_trial(value=value, system_attrs={"constraints": [violation]}))
+    assert not _stops(study, patience=2, min_delta=0.01)
+    unconstrained = _study([0.9, 0.7, 0.72, 0.74])
+    assert _stops(unconstrained, patience=2, min_delta=0.01)

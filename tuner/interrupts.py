@@ -24,6 +24,7 @@ from types import FrameType
 PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _requested = False
+_deferred = False
 _preempted_by: int | None = None
 
 
@@ -50,7 +51,35 @@ class Preempted(KeyboardInterrupt):
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     global _requested
     _requested = True
-    raise KeyboardInterrupt
+    if not _deferred:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """Within: Ctrl-C is recorded, and raised by :func:`raise_if_interrupted` or inside :func:`immediate`.
+
+    Optuna creates a trial and only then enters the ``try`` that fails it on an exception; a Ctrl-C in
+    between would leave the trial RUNNING for ever. Deferred around ``study.optimize``, immediate inside
+    the objective, it lands where Optuna fails the trial, or between trials."""
+    global _deferred
+    before, _deferred = _deferred, True
+    try:
+        yield
+    finally:
+        _deferred = before
+
+
+@contextlib.contextmanager
+def immediate() -> Iterator[None]:
+    """Within: Ctrl-C raises at once (a Ctrl-C recorded just before is raised on entry)."""
+    global _deferred
+    before, _deferred = _deferred, False
+    try:
+        raise_if_interrupted()
+        yield
+    finally:
+        _deferred = before
 
 
 def _on_preempt(signum: int, frame: FrameType | None) -> None:

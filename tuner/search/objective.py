@@ -116,11 +116,12 @@ class Objective:
             self.settings = replace(self.settings, feature_cache=trial_data.cache_dir)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        hparams = suggest(trial, self.space)
-        resume = None if self.saved is None else self.saved.load(trial, hparams)
-        # A retry is the same trial again: the original's seed, so it ends as the original would have.
-        seed = resume.seed if resume is not None else self.space.train.seed + original_number(trial)
-        return self.run(trial, hparams, seed=seed, resume=resume)
+        with interrupts.immediate():  # the worker defers Ctrl-C around Optuna's bookkeeping (see interrupts)
+            hparams = suggest(trial, self.space)
+            resume = None if self.saved is None else self.saved.load(trial, hparams)
+            # A retry is the same trial again: the original's seed, so it ends as the original would have.
+            seed = resume.seed if resume is not None else self.space.train.seed + original_number(trial)
+            return self.run(trial, hparams, seed=seed, resume=resume)
 
     def run(
         self,

@@ -176,13 +176,14 @@ def _trials_until_done(
             )
         if budget.claim():
             try:
-                study.optimize(
-                    objective,
-                    n_trials=1,
-                    catch=(Exception,),
-                    callbacks=after,
-                    gc_after_trial=device.type == "cuda",
-                )
+                with interrupts.deferred():
+                    study.optimize(
+                        objective,
+                        n_trials=1,
+                        catch=(Exception,),
+                        callbacks=after,
+                        gc_after_trial=device.type == "cuda",
+                    )
             except TrialPreempted as stop:
                 # Optuna failed the trial; its retry is queued before the start is given back (see OnStaleTrial).
                 requeue(study, stop)
