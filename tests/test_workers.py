@@ -184,7 +184,7 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
 def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
     """No database server: two local workers on sqlite:///studies/<study>.db. The parent sees a worker die
     and fails, re-queues and replaces at once; the heartbeat (60 s by default) is never waited for."""
-    path = write_space(workdir / "s.yaml", _space("local", 8))
+    path = write_space(workdir / "s.yaml", _space("local", 6))
     url = f"sqlite:///{workdir}/studies/local.db"
     proc = _tuner("optimize", "--space", str(path), "--workers", "2", cwd=workdir)
     try:
@@ -202,7 +202,7 @@ def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
     assert f"pid {victim}) died with exit code -9" in said and "failed and re-queued" in said, output
     assert "Warning" not in said, output
     study = _study("local", url)
-    _check_outcome(study, 8)
+    _check_outcome(study, 6)
     failed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL]
     assert all((t.datetime_complete - killed_at).total_seconds() < 15 for t in failed), (
         "failed at once, not by heartbeat"
