@@ -88,7 +88,7 @@ class PatientStorage(RDBStorage):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            _wait_out(RDBStorage.record_heartbeat)(self, trial_id)
+            self.wait_out(lambda: RDBStorage.record_heartbeat(self, trial_id))
         except DatabaseAway:
             log.debug("heartbeat of trial id %d skipped: the database is away", trial_id)
 
@@ -102,7 +102,7 @@ def _wait_out(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 for _name in STORAGE_CALLS:
-    if _name != "record_heartbeat":
+    if _name != "record_heartbeat":  # its own override above: skipped, not raised, past the patience
         setattr(PatientStorage, _name, _wait_out(getattr(RDBStorage, _name)))
 
 
@@ -157,21 +157,19 @@ def open_storage(
                     grace_period=3 * heartbeat,
                     heartbeat_stale_trial_callback=OnStaleTrial(on_stale),
                 )
-                backend = parsed.get_backend_name()
+                shown = redact(url)
                 storage = (
-                    patiently(create, patience=patience, backend=backend, where=redact(url))
+                    patiently(create, patience=patience, backend=parsed.get_backend_name(), where=shown)
                     if wait_to_open
                     else create()
                 )
-            storage.patience, storage.shown = patience, redact(url)
+            storage.patience, storage.shown = patience, shown
             if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
                 _write_ahead_log(storage)
             return storage
         except sqlalchemy.exc.IntegrityError:
             # Two processes creating the schema at once: the loser finds the tables on a second try.
             time.sleep(0.5 * (attempt + 1))
-        except DatabaseAway:
-            raise
         except ImportError:
             raise StorageError(f"cannot open the study storage {redact(url)}: {_missing_driver(parsed)}") from None
         except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:
