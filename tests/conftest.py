@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -112,6 +113,19 @@ def tiny_space(**sections) -> dict:
 def write_space(path: Path, space: dict) -> Path:
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
+
+
+def start_tuner(*args: str, cwd: Path) -> subprocess.Popen:
+    """``python -m tuner ARGS`` in ``cwd``, in its own session (killable with its workers), output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "tuner", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def invoke(*args: str):

@@ -4,7 +4,11 @@ entry cut short. Each is one clear line naming the path; no trial loses its resu
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,30 +16,42 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from tests.conftest import invoke, tiny_space, unavailable, write_space
+from tests.conftest import invoke, start_tuner, tiny_space, unavailable, write_space
 from tuner.data.cache import cached_array
 from tuner.search.storage import open_storage
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path):
-    """A folder on a file system with no byte left (ENOSPC on any write)."""
-    folder = tmp_path / "full"
+def small_disk(tmp_path: Path):
+    """A folder on a file system of its own, 8 MiB (a small tmpfs), to be filled by :func:`fill`."""
+    folder = tmp_path / "disk"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(folder)], capture_output=True)
     if mounted.returncode != 0:
         unavailable("mounting a small tmpfs (root)", "run the tests as root, as CI does")
     try:
-        with pytest.raises(OSError), (folder / "filler").open("wb", buffering=0) as fh:
-            while True:
-                fh.write(b"\0" * 4096)
         yield folder
     finally:
         subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
+def fill(folder: Path) -> Path:
+    """Write ``folder/filler`` until the file system has no byte left (ENOSPC on any write after it)."""
+    with pytest.raises(OSError, match="No space left"), (folder / "filler").open("wb", buffering=0) as fh:
+        while True:
+            fh.write(b"\0" * 65536 if fh.tell() < 1 << 20 else b"\0" * 512)
+    return folder / "filler"
+
+
+@pytest.fixture
+def full_disk(small_disk: Path) -> Path:
+    """A folder on a file system with no byte left (ENOSPC on any write)."""
+    fill(small_disk)
+    return small_disk
+
+
 def _study(root: Path) -> optuna.Study:
-    return optuna.load_study(study_name="tiny", storage=open_storage(f"sqlite:///{root / 'studies'}/tiny.db"))
+    return _study_at(f"sqlite:///{root / 'studies'}/tiny.db")
 
 
 def test_a_full_disk_under_the_cache_and_the_artifacts_costs_no_trial(workdir, full_disk):
@@ -52,6 +68,84 @@ def test_a_full_disk_under_the_cache_and_the_artifacts_costs_no_trial(workdir, f
     trials = _study(workdir).get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert all(t.value is not None and len(t.user_attrs["history"]["val_auroc"]) == 2 for t in trials)
+
+
+def test_a_study_database_whose_disk_fills_mid_trial_stops_in_one_line_and_the_same_command_goes_on(
+    workdir, small_disk
+):
+    """The study's SQLite file on a disk that fills while a trial runs: the run stops with one line naming
+    the database (exit 2, no traceback), the file passes SQLite's integrity check with the trials finished
+    before it, and once there is space the same command recovers the trial left running at once (its
+    process is gone) and finishes the exact total."""
+    space = write_space(
+        workdir / "s.yaml",
+        tiny_space(
+            study={"n_trials": 3, "pruner": {"name": "none"}, "artifacts": False},
+            data={"image_size": 24, "synthetic": {"n_images": 300, "minority_fraction": 0.2}},
+            train={"max_epochs": 6},
+        ),
+    )
+    url = f"sqlite:///{small_disk}/tiny.db"
+    proc = start_tuner("optimize", "--space", str(space), "--storage", url, cwd=workdir)
+    try:
+        while not _running_past_epoch_one(url):
+            assert proc.poll() is None, proc.communicate()[0]
+            time.sleep(0.2)
+        filler = fill(small_disk)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode == 2, output
+    said = " ".join(output.split())
+    assert f"error: the study database {url} refused a write (database or disk is full)" in said, output
+    assert "add --join to the same command" in said
+    assert "Traceback" not in output and "Trial 0 failed" not in output
+    with sqlite3.connect(small_disk / "tiny.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    left = [t.number for t in _study_at(url).get_trials(states=(TrialState.RUNNING,))]
+    assert len(left) == 1, "the trial whose write was refused is left as it was: RUNNING"
+
+    filler.unlink()
+    result = invoke("optimize", "--space", space, "--storage", url, "--join")
+    assert result.exit_code == 0, result.output
+    for number in left:
+        assert f"trial {number} was left running by process" in " ".join(result.stderr.split())
+    trials = _study_at(url).get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3, [(t.number, t.state) for t in trials]
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == left, "only the trial left running failed"
+    assert all(len(t.user_attrs["history"]["val_auroc"]) == 6 for t in trials if t.state == TrialState.COMPLETE)
+
+
+def test_a_read_only_folder_is_one_line_naming_it(workdir, small_disk):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    space = write_space(workdir / "s.yaml", tiny_space(study={"n_trials": 1}))
+    result = invoke(
+        "optimize", "--space", space, "--cache-dir", small_disk / "cache", "--artifacts", small_disk / "artifacts"
+    )
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert f"could not write the cache entry {small_disk / 'cache'}/" in said and "(Read-only file system)" in said
+    assert f"could not create the trials' folder {small_disk / 'artifacts'} (Read-only file system)" in said
+    assert [t.state for t in _study(workdir).get_trials()] == [TrialState.COMPLETE]
+
+    url = f"sqlite:///{small_disk}/tiny.db"
+    result = invoke("optimize", "--space", space, "--storage", url)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: cannot open the study storage {url}: OperationalError (unable to open database file)"
+    )
+
+
+def _study_at(url: str) -> optuna.Study:
+    return optuna.load_study(study_name="tiny", storage=open_storage(url))
+
+
+def _running_past_epoch_one(url: str) -> bool:
+    try:
+        return any(t.intermediate_values for t in _study_at(url).get_trials(states=(TrialState.RUNNING,)))
+    except Exception:  # noqa: BLE001 - the study or its tables may not exist yet
+        return False
 
 
 def test_a_cache_entry_cut_short_is_rebuilt_not_mapped(tmp_path, caplog):

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,14 +13,13 @@ import pytest
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
-from tests.conftest import invoke, tiny_space, write_space
+from tests.conftest import invoke, start_tuner, tiny_space, write_space
 from tests.servers import pause_postgres, postgres_down
 from tuner.search.keys import TrialKey
+from tuner.search.resources import process_gone, process_space, worker_name
 from tuner.search.storage import open_storage
 
 pytestmark = pytest.mark.slow
-
-ROOT = Path(__file__).parents[1]
 
 
 def _space(name: str, n_trials: int, epochs: int = 6) -> dict:
@@ -29,19 +28,6 @@ def _space(name: str, n_trials: int, epochs: int = 6) -> dict:
         study={"name": name, "n_trials": n_trials, "pruner": {"name": "none"}, "artifacts": False},
         data={"image_size": 24, "synthetic": {"n_images": 300, "minority_fraction": 0.2}},
         train={"max_epochs": epochs},
-    )
-
-
-def _tuner(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tuner", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
     )
 
 
@@ -110,7 +96,7 @@ def test_three_workers_on_postgres_survive_a_kill_and_a_database_restart_and_fin
     command exits 0, says once how long the database was away, and the study ends with exactly 9 finished
     trials, the killed one the only failure, every history whole."""
     path = write_space(workdir / "s.yaml", _space("pg", 9))
-    proc = _tuner("optimize", "--space", str(path), "--storage", postgres_url, "--workers", "3", cwd=workdir)
+    proc = start_tuner("optimize", "--space", str(path), "--storage", postgres_url, "--workers", "3", cwd=workdir)
     try:
 
         def is_one_of_three_workers(victim: int) -> None:
@@ -168,16 +154,22 @@ def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
     # Long trials, killed as soon as one runs: one worker has no other trial to be between.
     path = write_space(workdir / "s.yaml", _space("lite", 4, epochs=15))
     url = f"sqlite:///{workdir}/studies/lite.db"
-    first = _tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
+    first = start_tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
     try:
         assert _kill_mid_trial("lite", url) == first.pid
         first.wait(timeout=30)
     finally:
         os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
     assert _study("lite", url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "killed mid-trial"
-    restart = _tuner("optimize", "--space", str(path), "--heartbeat", "1", "--join", cwd=workdir)
+    # The default heartbeat (60 s, so 180 s to call a trial stale): the killed process is seen gone at once.
+    began = time.monotonic()
+    restart = start_tuner("optimize", "--space", str(path), "--join", cwd=workdir)
     output, _ = restart.communicate(timeout=600)
     assert restart.returncode == 0, output
+    assert f"was left running by process {worker_name(first.pid)}, which has ended; re-queued" in " ".join(
+        output.split()
+    )
+    assert time.monotonic() - began < 150, "not waited for as a stale heartbeat"
     _check_outcome(_study("lite", url), 4, epochs=15)
 
 
@@ -186,7 +178,7 @@ def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
     and fails, re-queues and replaces at once; the heartbeat (60 s by default) is never waited for."""
     path = write_space(workdir / "s.yaml", _space("local", 6))
     url = f"sqlite:///{workdir}/studies/local.db"
-    proc = _tuner("optimize", "--space", str(path), "--workers", "2", cwd=workdir)
+    proc = start_tuner("optimize", "--space", str(path), "--workers", "2", cwd=workdir)
     try:
 
         def is_a_worker(victim: int) -> None:
@@ -215,7 +207,7 @@ def test_workers_per_gpu_each_see_only_their_gpu(workdir):
     """--gpus 0,1 --workers-per-gpu 2: four workers, two per GPU, each with CUDA_VISIBLE_DEVICES set to its
     own GPU, as the trials it ran recorded from its environment (trained on the CPU here: no GPU)."""
     path = write_space(workdir / "s.yaml", _space("gpus", 12, epochs=3))
-    proc = _tuner(
+    proc = start_tuner(
         "optimize", "--space", str(path), "--gpus", "0,1", "--workers-per-gpu", "2", "--device", "cpu", cwd=workdir
     )
     output, _ = proc.communicate(timeout=600)
@@ -245,7 +237,7 @@ def test_workers_must_match_the_gpu_slots(workdir):
 def test_a_local_study_moves_to_postgres_with_one_command(postgres_url, workdir):
     path = write_space(workdir / "s.yaml", tiny_space(study={"name": "moving", "n_trials": 2, "artifacts": False}))
     assert invoke("optimize", "--space", path).exit_code == 0
-    copy = _tuner("copy", "--study", "moving", "--to", postgres_url, cwd=workdir)
+    copy = start_tuner("copy", "--study", "moving", "--to", postgres_url, cwd=workdir)
     output, _ = copy.communicate(timeout=120)
     assert copy.returncode == 0, output
     assert output.startswith("copied study moving (2 trials) to postgresql://"), output  # and nothing else
@@ -402,3 +394,13 @@ def test_a_worker_that_keeps_dying_is_replaced_three_times_per_slot_then_not(tmp
     running = {0: start(0, 0), 1: start(1, 0)}
     _watch(study, budget, running, dict.fromkeys(running, 0), set(), start, [], None)
     assert MAX_RESPAWNS == 3 and sorted(started) == [(slot, n) for slot in (0, 1) for n in range(4)]
+
+
+def test_a_process_is_judged_gone_only_where_its_pid_means_it():
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    here = process_space()
+    assert process_gone(f"{socket.gethostname()}:{ended.pid}", here)
+    assert not process_gone(worker_name(), here)  # this very process
+    assert not process_gone(f"{socket.gethostname()}:{ended.pid}", "another-boot/pid:[1]")  # another container
+    assert not process_gone("", here) and not process_gone("host:", here)

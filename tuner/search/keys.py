@@ -15,6 +15,7 @@ class TrialKey:
     SEED: Final = "seed"  # the seed its training ran with
     HPARAMS: Final = "hparams"  # every hyperparameter, defaults included
     WORKER: Final = "worker"  # host:pid
+    PROCESS_SPACE: Final = "process_space"  # where that pid names one process (see resources.process_space)
     THREADS: Final = "threads"
     VISIBLE_GPUS: Final = "visible_gpus"
     HISTORY: Final = "history"  # per-epoch metrics

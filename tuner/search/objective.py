@@ -27,8 +27,9 @@ from tuner.data import DeviceData
 from tuner.errors import TunerError
 from tuner.search.artifacts import TrialArtifacts
 from tuner.search.keys import TrialKey
+from tuner.search.outage import DATABASE_GONE, StorageLost
 from tuner.search.preemption import Resume, SavedTrials, TrialPreempted, original_number
-from tuner.search.resources import GPU_ENV, worker_name
+from tuner.search.resources import GPU_ENV, process_space, worker_name
 from tuner.search.space import SearchSpace, suggest
 from tuner.search.trial_data import TrialData
 from tuner.train import (
@@ -121,7 +122,10 @@ class Objective:
             resume = None if self.saved is None else self.saved.load(trial, hparams)
             # A retry is the same trial again: the original's seed, so it ends as the original would have.
             seed = resume.seed if resume is not None else self.space.train.seed + original_number(trial)
-            return self.run(trial, hparams, seed=seed, resume=resume)
+            try:
+                return self.run(trial, hparams, seed=seed, resume=resume)
+            except DATABASE_GONE as err:
+                raise StorageLost(err) from None
 
     def run(
         self,
@@ -136,6 +140,7 @@ class Objective:
         trial.set_user_attr(TrialKey.SEED, seed)
         trial.set_user_attr(TrialKey.HPARAMS, hparams.model_dump(mode="json"))
         trial.set_user_attr(TrialKey.WORKER, worker_name())  # which machine and process ran it
+        trial.set_user_attr(TrialKey.PROCESS_SPACE, process_space())
         trial.set_user_attr(TrialKey.THREADS, torch.get_num_threads())
         if os.environ.get(GPU_ENV) is not None:
             trial.set_user_attr(TrialKey.VISIBLE_GPUS, os.environ[GPU_ENV])  # the GPU(s) that worker was given
@@ -159,6 +164,8 @@ class Objective:
             trial.set_user_attr(TrialKey.PRUNE_REASON, str(err))
             trial.set_user_attr(TrialKey.INFEASIBLE, True)
             raise optuna.TrialPruned(str(err)) from None
+        except DATABASE_GONE:
+            raise
         except TunerError as err:
             reason = str(err)
         finally:

@@ -10,6 +10,10 @@ What is retried is a lost connection only: a refused connection or a server shut
 (or any server database), and a connection SQLAlchemy found invalidated. SQLite's own errors (a locked
 file waits in its busy timeout; a full disk must fail at once) are never retried.
 
+A database that refuses writes (its disk is full, its file or folder is read-only) is
+:class:`DatabaseUnwritable` at once, one line naming it. The database itself is never left corrupt by that:
+SQLite and PostgreSQL roll the refused transaction back whole.
+
 The default patience stays below the heartbeat grace period (three heartbeats) less one heartbeat, so an
 outage that is ridden out never makes a live trial look stale to another worker.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -38,6 +42,24 @@ T = TypeVar("T")
 
 class DatabaseAway(StorageError):
     """The study database stayed unreachable for longer than the patience."""
+
+
+class DatabaseUnwritable(StorageError):
+    """The study database refused a write: its disk is full, or its file or folder is read-only."""
+
+
+DATABASE_GONE = (DatabaseAway, DatabaseUnwritable)  # the storage cannot be used by this process any more
+
+
+class StorageLost(BaseException):
+    """A storage call inside a trial failed for good (one of :data:`DATABASE_GONE`). Raised past Optuna's
+    handling of a failed objective, which would record the failure in that same storage, log a traceback
+    and trip over the trial it could not update. The trial stays RUNNING; its heartbeat stops, so the next
+    run finds it stale and retries it."""
+
+    def __init__(self, error: StorageError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass
@@ -60,21 +82,49 @@ _lock = threading.Lock()
 _inside = threading.local()  # a patient call inside another (Optuna's retry inside ours) waits once
 
 
-def connection_lost(err: BaseException, backend: str) -> bool:
-    """Whether ``err`` (raised by a storage call on a ``backend`` database) means the server went away:
-    itself, or an error it was raised from or while handling (Optuna wraps errors in its own, and a query
-    that failed with the connection leaves its session asking for a rollback)."""
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from or while handling (Optuna wraps errors in its own, and a
+    query that failed with the connection leaves its session asking for a rollback)."""
     seen: BaseException | None = err
     for _ in range(8):
         if seen is None:
-            return False
-        if isinstance(seen, sa.exc.DBAPIError) and (
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def storage_gone(err: BaseException) -> StorageError | None:
+    """The :data:`DATABASE_GONE` error behind ``err``, if any (Optuna, failing to record a trial's end,
+    raises an ``AssertionError`` from it)."""
+    return next((seen for seen in _chain(err) if isinstance(seen, DATABASE_GONE)), None)
+
+
+def refused_write(err: BaseException) -> str | None:
+    """Why the database refused to write (its disk is full, it is read-only), if that is what ``err``
+    (raised by a storage call) means, in the database's own words."""
+    for seen in _chain(err):
+        if not isinstance(seen, sa.exc.DBAPIError):
+            continue
+        orig = seen.orig
+        code = getattr(orig, "sqlite_errorname", None) or ""  # SQLite: SQLITE_FULL, SQLITE_READONLY_…
+        state = getattr(orig, "sqlstate", None) or ""  # PostgreSQL: 53100 disk full, 25006 read-only
+        if code.startswith(("SQLITE_FULL", "SQLITE_READONLY")) or state in ("53100", "25006"):
+            return str(orig).strip().splitlines()[0]
+    return None
+
+
+def connection_lost(err: BaseException, backend: str) -> bool:
+    """Whether ``err`` (raised by a storage call on a ``backend`` database) means the server went away."""
+    if refused_write(err) is not None:  # an OperationalError on PostgreSQL too, but no outage to wait out
+        return False
+    return any(
+        isinstance(seen, sa.exc.DBAPIError)
+        and (
             seen.connection_invalidated
             or (backend != "sqlite" and isinstance(seen, (sa.exc.OperationalError, sa.exc.InterfaceError)))
-        ):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+        )
+        for seen in _chain(err)
+    )
 
 
 class _QuietFallback(logging.Filter):
@@ -106,6 +156,13 @@ def patiently(call: Callable[[], T], *, patience: float, backend: str, where: st
             try:
                 result = call()
             except Exception as err:
+                refused = refused_write(err)
+                if refused is not None:
+                    raise DatabaseUnwritable(
+                        f"the study database {where} refused a write ({refused}): what was stored before is "
+                        "intact; free space or make it writable, then add --join to the same command to finish "
+                        "the study's trials"
+                    ) from None
                 if not connection_lost(err, backend):
                     raise
                 now = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -76,3 +77,27 @@ def see_only_gpu(gpu: int) -> None:
 def worker_name(pid: int | None = None) -> str:
     """How a trial records the process that runs it: ``host:pid``."""
     return f"{socket.gethostname()}:{pid or os.getpid()}"
+
+
+def process_space() -> str:
+    """Where a pid names one process: this boot of this machine and its pid namespace. Two containers
+    may share a host name (``--network host``) while each has its own pids."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:  # no /proc (macOS, Windows): the host name alone
+        return socket.gethostname()
+
+
+def process_gone(worker: str, space: str | None) -> bool:
+    """Whether the process ``worker`` (``host:pid``, recorded in ``space``) has certainly ended. False when
+    it cannot be known from here (another machine or container): its heartbeats will tell."""
+    pid = worker.rpartition(":")[2]
+    if space != process_space() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False

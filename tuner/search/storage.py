@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from tuner.errors import StorageError
 from tuner.search.optuna_internals import STORAGE_CALLS, storage_of
-from tuner.search.outage import DEFAULT_PATIENCE, DatabaseAway, patiently, quiet_optuna_fallback
+from tuner.search.outage import DATABASE_GONE, DEFAULT_PATIENCE, patiently, quiet_optuna_fallback
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class PatientStorage(RDBStorage):
     def record_heartbeat(self, trial_id: int) -> None:
         try:
             self.wait_out(lambda: RDBStorage.record_heartbeat(self, trial_id))
-        except DatabaseAway:
-            log.debug("heartbeat of trial id %d skipped: the database is away", trial_id)
+        except DATABASE_GONE as err:
+            log.debug("heartbeat of trial id %d skipped: %s", trial_id, err)
 
 
 def _wait_out(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -173,7 +173,11 @@ def open_storage(
         except ImportError:
             raise StorageError(f"cannot open the study storage {redact(url)}: {_missing_driver(parsed)}") from None
         except (sqlalchemy.exc.SQLAlchemyError, ValueError) as err:
-            reason = type(err).__name__ if isinstance(err, sqlalchemy.exc.SQLAlchemyError) else str(err)
+            reason = str(err)
+            if isinstance(err, sqlalchemy.exc.DBAPIError):  # the driver's first line, without the SQL
+                reason = f"{type(err).__name__} ({str(err.orig).strip().splitlines()[0]})"
+            elif isinstance(err, sqlalchemy.exc.SQLAlchemyError):
+                reason = type(err).__name__
             raise StorageError(
                 f"cannot open the study storage {redact(url)}: {reason.replace(engine_url, redact(engine_url)).replace(url, redact(url))}"
             ) from None

@@ -9,13 +9,13 @@ from typing import Any
 
 import optuna
 import sqlalchemy
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from tuner import __version__
 from tuner.data import Dataset
 from tuner.errors import StorageError, TunerError
 from tuner.search.keys import StudyKey, TrialKey
-from tuner.search.outage import DEFAULT_PATIENCE
 from tuner.search.samplers import build_pruner, build_sampler
 from tuner.search.space import SearchSpace
 from tuner.search.storage import STUDIES_DIR, open_storage, redact
@@ -29,11 +29,11 @@ def open_study(
     data: Dataset,
     artifacts_dir: Path | None = None,
     *,
-    heartbeat: int = 60,
-    patience: float = DEFAULT_PATIENCE,
+    storage: RDBStorage | None = None,
 ) -> optuna.Study:
-    """Create the study, or load it if it exists and was made from the same space (resume)."""
-    storage = open_storage(storage_url, heartbeat=heartbeat, patience=patience)
+    """Create the study, or load it if it exists and was made from the same space (resume), in ``storage``
+    (opened at ``storage_url`` if not given)."""
+    storage = storage or open_storage(storage_url)
     name = space.study.name
     study = optuna.create_study(
         study_name=name,

@@ -34,7 +34,7 @@ from tuner.search.storage import STUDIES_DIR, open_storage, parse_storage_url, r
 from tuner.search.study import open_study
 from tuner.search.trial_data import prepare
 from tuner.search.warm_start import warm_start
-from tuner.search.workers import POLL_SECONDS, fail_trials_of_dead_worker, work
+from tuner.search.workers import POLL_SECONDS, fail_trials_of_dead_workers, work
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ WORKER_STOPPED = 3  # exit code of a worker that stopped on purpose, with its re
 MAX_RESPAWNS = 3  # per worker slot: a worker that keeps dying is not restarted for ever
 
 
-def _worker_main(kwargs: dict) -> None:
+def _worker_main(kwargs: dict, stops: Any) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(processName)s %(levelname)s %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     interrupts.install()
@@ -54,7 +54,7 @@ def _worker_main(kwargs: dict) -> None:
     except KeyboardInterrupt:
         pass
     except TunerError as err:  # a deliberate stop (e.g. every trial failing): not a death to recover from
-        log.error("%s", err)
+        stops.put(str(err))  # said once by the parent, however many workers stopped for it
         sys.exit(WORKER_STOPPED)
 
 
@@ -101,6 +101,8 @@ def run_optimize(
     threads = threads_per_worker(n_workers, threads)
     if join:
         _check_joinable(space.study.name, storage_url)
+    # Opened before the data are decoded (minutes, the first time): a mistyped URL is said at once.
+    storage = open_storage(storage_url, heartbeat=heartbeat, patience=storage_patience)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
     if storage_patience > 2 * heartbeat:
         log.warning(
@@ -109,7 +111,7 @@ def run_optimize(
             storage_patience,
             heartbeat,
         )
-    study = open_study(space, storage_url, dataset, artifacts_dir, heartbeat=heartbeat, patience=storage_patience)
+    study = open_study(space, storage_url, dataset, artifacts_dir, storage=storage)
     if space.study.constraints and not SAMPLERS[space.study.sampler.name].uses_constraints:
         log.warning(
             "sampler %r draws without regard to study.constraints; they still decide which trial is best",
@@ -155,12 +157,13 @@ def _supervise(
     recovered (its trial failed and re-queued) and replaced while trials are left; finished trials and
     running epochs are reported from the storage."""
     context = _worker_context()
+    stops = context.SimpleQueue()  # why workers stopped on purpose: the run's error once all have ended
 
     def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
         # Sampler seeds differ per worker and per replacement, so no two draw the same sequence.
         kwargs = {**common, "sampler_seed_offset": i + n_workers * respawn, "threads": threads}
         kwargs["gpu"] = slots[i] if slots else None
-        proc = context.Process(target=_worker_main, args=(kwargs,), name=f"worker-{i}")
+        proc = context.Process(target=_worker_main, args=(kwargs, stops), name=f"worker-{i}")
         proc.start()
         return proc
 
@@ -181,6 +184,11 @@ def _supervise(
             proc.join()
         raise
     _report_new(study, seen, callbacks)
+    reasons = []
+    while not stops.empty():
+        reasons.append(stops.get())
+    if reasons:
+        raise TunerError("\n".join(dict.fromkeys(reasons)))
     return study
 
 
@@ -238,7 +246,7 @@ def _watch(
 def _recover(study: optuna.Study, proc: multiprocessing.process.BaseProcess, slot: int) -> None:
     """A worker died (killed, crashed): its running trial is failed and re-queued now, not after
     three missed heartbeats."""
-    failed = fail_trials_of_dead_worker(study, proc.pid or 0)
+    failed = fail_trials_of_dead_workers(study, proc.pid or 0)
     what = f"; trial {', '.join(map(str, failed))} failed and re-queued" if failed else ""
     log.warning("worker %d (pid %s) died with exit code %s%s; starting another", slot, proc.pid, proc.exitcode, what)
 

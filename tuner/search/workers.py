@@ -26,9 +26,9 @@ from tuner.search.budget import TrialBudget, drop_orphans, open_trials
 from tuner.search.keys import StudyKey, TrialKey
 from tuner.search.objective import EpochProgress, Objective
 from tuner.search.optuna_internals import fail_trial, reread
-from tuner.search.outage import DEFAULT_PATIENCE
+from tuner.search.outage import DEFAULT_PATIENCE, StorageLost, storage_gone
 from tuner.search.preemption import SavedTrials, TrialPreempted, requeue
-from tuner.search.resources import see_only_gpu, use_threads, worker_name
+from tuner.search.resources import process_gone, see_only_gpu, use_threads, worker_name
 from tuner.search.samplers import build_pruner, build_sampler
 from tuner.search.space import SearchSpace
 from tuner.search.stop import stagnation
@@ -81,16 +81,22 @@ def _give_back_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     TrialBudget(study).give_back()
 
 
-def fail_trials_of_dead_worker(study: optuna.Study, pid: int) -> list[int]:
-    """Fail the running trials of worker ``pid`` (known to be dead), give their starts back and re-queue
-    them, as a heartbeat timeout would, but at once. Returns the failed trial numbers."""
-    name = worker_name(pid)
+def fail_trials_of_dead_workers(study: optuna.Study, pid: int | None = None) -> list[int]:
+    """Fail the running trials of worker ``pid`` (known to be dead) or, without ``pid``, of every process
+    of this machine that has ended (a run killed, or stopped by a database it could not write), give their
+    starts back and re-queue them, as a heartbeat timeout would, but at once. Returns the trial numbers."""
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if trial.user_attrs.get(TrialKey.WORKER) != name:
+        name = trial.user_attrs.get(TrialKey.WORKER, "")
+        if pid is not None:
+            if name != worker_name(pid):
+                continue
+        elif not process_gone(name, trial.user_attrs.get(TrialKey.PROCESS_SPACE)):
             continue
         if not fail_trial(study, trial, f"worker {name} died"):
             continue  # a heartbeat check elsewhere got there first and did the same
+        if pid is None:
+            log.warning("trial %d was left running by process %s, which has ended; re-queued", trial.number, name)
         OnStaleTrial(_give_back_stale)(study, reread(study, trial))
         failed.append(trial.number)
     return failed
@@ -135,7 +141,13 @@ def work(
         torch.backends.cudnn.benchmark = True
     artifacts = Path(study.user_attrs[StudyKey.ARTIFACT_DIR]) if space.study.artifacts else None
     if artifacts is not None:
-        artifacts.mkdir(parents=True, exist_ok=True)
+        try:
+            artifacts.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # a read-only or full disk: the trials' results do not need their plots
+            log.warning(
+                "could not create the trials' folder %s (%s); trials run without their files", artifacts, err.strerror
+            )
+            artifacts = None
     trial_data = TrialData(space, dataset, torch_device, cache_dir)
     data, folds = trial_data.at(dataset.image_size)
     saved = SavedTrials(Path(study.user_attrs[StudyKey.ARTIFACT_DIR]) / "resume")
@@ -143,6 +155,7 @@ def work(
         space, data, dataset.class_names, artifacts, folds, on_epoch=on_epoch, trial_data=trial_data, saved=saved
     )
     budget = TrialBudget(study)
+    fail_trials_of_dead_workers(study)
     after_trial = AfterTrial(budget)
     try:
         with interrupts.preemptible():
@@ -192,6 +205,13 @@ def _trials_until_done(
             except KeyboardInterrupt:
                 budget.give_back(stopping=True)  # Optuna marked the trial FAILED; its start is not used up
                 raise
+            except StorageLost as lost:  # the trial stays RUNNING: the next run finds it stale and retries it
+                raise lost.error from None
+            except AssertionError as err:  # Optuna could not record the trial's end and trips on its state
+                gone = storage_gone(err)
+                if gone is None:
+                    raise
+                raise gone from None
             except optuna.exceptions.UpdateFinishedTrialError:
                 # Our heartbeat was missed long enough for another worker to declare this trial stale;
                 # it was failed, given back and re-queued there. Carry on with the next one.
@@ -201,6 +221,7 @@ def _trials_until_done(
             with warnings.catch_warnings():  # experimental in Optuna, and what finds a dead worker's trial
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 optuna.storages.fail_stale_trials(study)
+            fail_trials_of_dead_workers(study)
             drop_orphans(study, budget, orphans)
             time.sleep(POLL_SECONDS)
         else:
