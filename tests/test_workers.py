@@ -150,29 +150,6 @@ def _started(name: str, url: str) -> list:
         return []
 
 
-def test_sqlite_worker_killed_and_restarted_finishes_exactly(workdir):
-    # Long trials, killed as soon as one runs: one worker has no other trial to be between.
-    path = write_space(workdir / "s.yaml", _space("lite", 4, epochs=15))
-    url = f"sqlite:///{workdir}/studies/lite.db"
-    first = start_tuner("optimize", "--space", str(path), "--heartbeat", "1", cwd=workdir)
-    try:
-        assert _kill_mid_trial("lite", url) == first.pid
-        first.wait(timeout=30)
-    finally:
-        os.killpg(first.pid, signal.SIGKILL) if first.poll() is None else None
-    assert _study("lite", url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)), "killed mid-trial"
-    # The default heartbeat (60 s, so 180 s to call a trial stale): the killed process is seen gone at once.
-    began = time.monotonic()
-    restart = start_tuner("optimize", "--space", str(path), "--join", cwd=workdir)
-    output, _ = restart.communicate(timeout=600)
-    assert restart.returncode == 0, output
-    assert f"was left running by process {worker_name(first.pid)}, which has ended; re-queued" in " ".join(
-        output.split()
-    )
-    assert time.monotonic() - began < 150, "not waited for as a stale heartbeat"
-    _check_outcome(_study("lite", url), 4, epochs=15)
-
-
 def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
     """No database server: two local workers on sqlite:///studies/<study>.db. The parent sees a worker die
     and fails, re-queues and replaces at once; the heartbeat (60 s by default) is never waited for."""

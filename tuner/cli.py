@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import sys
 import threading
@@ -21,12 +20,12 @@ from typing import Annotated, Any, NoReturn, Optional, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tuner import __version__, interrupts
 from tuner.errors import SpaceError, TunerError
 from tuner.metric_names import REPORT_ORDER, TABLE_METRICS
+from tuner.progress import bars, fmt
 from tuner.search import StudyKey, TrialKey
 
 app = typer.Typer(
@@ -108,12 +107,6 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return "" if value is None else str(value)
 
 
 @app.callback(invoke_without_command=True)
@@ -209,60 +202,50 @@ def optimize(
     Each run adds --n-trials trials to the study, shared by its --workers; `--join` on another
     machine helps finish them. The total is exact: failed trials are replaced.
     """
-    from tuner.search import TrialBudget, load_space, outage_summary, parse_assignments, redact, run_optimize
+    from tuner.api import optimize as run
+    from tuner.search import TrialBudget, default_storage, outage_summary, redact
 
     _setup_logging(verbose, quiet)
-    overrides = {
-        "data.source": data,
-        "study.name": study,
-        "study.n_trials": n_trials,
-        "study.timeout": timeout,
-        "train.device": device,
-        "train.max_epochs": max_epochs,
-    }
-    search_space = load_space(space_file, overrides, parse_assignments(assignments or []))
-    name = search_space.study.name
-    storage_url = storage or _default_storage(name)
-    donor = None
-    if warm_start is not None:
-        from tuner.search import load_existing_study
-
-        donor = load_existing_study(warm_start, warm_start_storage or storage)
-    display = StudyProgress(search_space, total=0 if join or plan else search_space.study.n_trials, quiet=quiet)
-    with display:
-        try:
-            result = run_optimize(
-                search_space,
-                storage_url=storage_url,
-                cache_dir=cache_dir,
-                on_epoch=display.epoch,
-                callbacks=[display.trial_finished],
-                artifacts_dir=artifacts,
-                workers=workers,
-                gpus=_parse_gpus(gpus),
-                workers_per_gpu=workers_per_gpu,
-                threads=threads,
-                join=join,
-                heartbeat=heartbeat,
-                storage_patience=storage_patience,
-                warm_start_from=donor,
-                warm_start_top_k=top_k,
-                plan=plan,
-            )
-        except interrupts.Preempted as stop:
-            display.progress.stop()
-            again = "the same command" if join else "the same command with --join"
-            err.print(
-                f"stopped by {stop.signal_name}: {stop.message}; to go on, run {again}",
-                highlight=False,
-                soft_wrap=True,
-                markup=False,
-            )
-            _exit_interrupted(stop.exit_code)
-        except KeyboardInterrupt:
-            display.progress.stop()
-            err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
-            _exit_interrupted()
+    try:
+        result = run(
+            space_file,
+            data=data,
+            study=study,
+            storage=storage,
+            n_trials=n_trials,
+            timeout=timeout,
+            device=device,
+            max_epochs=max_epochs,
+            set=assignments or [],
+            cache_dir=cache_dir,
+            workers=workers,
+            gpus=_parse_gpus(gpus),
+            workers_per_gpu=workers_per_gpu,
+            threads=threads,
+            join=join,
+            plan=plan,
+            artifacts=artifacts,
+            heartbeat=heartbeat,
+            storage_patience=storage_patience,
+            warm_start=warm_start,
+            warm_start_storage=warm_start_storage,
+            warm_start_top_k=top_k,
+            progress=not quiet,
+        )
+    except interrupts.Preempted as stop:
+        again = "the same command" if join else "the same command with --join"
+        err.print(
+            f"stopped by {stop.signal_name}: {stop.message}; to go on, run {again}",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
+        _exit_interrupted(stop.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
+        _exit_interrupted()
+    name = result.study_name
+    storage_url = storage or default_storage(name)
     if (line := outage_summary()) is not None:
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     if plan:
@@ -271,7 +254,7 @@ def optimize(
         return
     if result.user_attrs.get(StudyKey.STOPPED):
         out.print(f"stopped early: {result.user_attrs[StudyKey.STOPPED]}", highlight=False)
-    _print_best(result, search_space.study.metric)
+    _print_best(result, result.user_attrs[StudyKey.SPACE]["study"]["metric"])
     shown = redact(storage_url)
     dashboard_cmd = f"tuner dashboard --study {name}" + ("" if storage is None else f" --storage '{shown}'")
     out.print(
@@ -280,62 +263,6 @@ def optimize(
         markup=False,
         highlight=False,
     )
-
-
-class StudyProgress:
-    """What ``optimize`` shows while a study runs: a bar over the trials with one line per finished trial,
-    and under it the running trial's epoch with its latest and best value. Off the terminal (a log file, a
-    Slurm job) each epoch is one log line instead."""
-
-    def __init__(self, space: Any, *, total: int, quiet: bool) -> None:
-        self.metric, self.max_epochs = space.study.metric, space.train.max_epochs
-        self.sign = 1 if space.study.resolved_direction == "maximize" else -1
-        self.progress = _progress(quiet)
-        self.total = total
-        self.best_in_trial: dict[int, float] = {}
-        self.last_epoch: dict[int, int] = {}
-
-    def __enter__(self) -> StudyProgress:
-        self.progress.__enter__()
-        self.trials = self.progress.add_task("trials", total=self.total)
-        self.epochs = self.progress.add_task("waiting for the first epoch", total=None)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
-
-    def trial_finished(self, study: Any, trial: Any) -> None:
-        from tuner.search import best_value, feasibility, trial_summary
-
-        s = trial_summary(trial)
-        best = best_value(study)
-        if feasibility(trial) is False:
-            s["reason"] = s["reason"] or "outside study.constraints"
-        detail = s["reason"] or f"best epoch {s['best_epoch']}"
-        self.progress.console.print(
-            f"trial {s['number']:>3} {s['state']:<8} {self.metric}={_fmt(s['value']):<7} "
-            f"({detail}; {s['duration_s']} s)  best so far {_fmt(best) if best is not None else '-'}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        self.progress.advance(self.trials)
-
-    def epoch(self, number: int, epoch: int, value: float) -> None:
-        """Inside a trial: its epoch, latest value and best so far."""
-        if self.last_epoch.get(number) == epoch:  # several workers are polled every second: each epoch once
-            return
-        self.last_epoch[number] = epoch
-        best = self.best_in_trial.get(number)
-        if math.isfinite(value) and (best is None or self.sign * value > self.sign * best):
-            self.best_in_trial[number] = value
-        line = (
-            f"trial {number} epoch {epoch}/{self.max_epochs} {self.metric}={_fmt(value)} "
-            f"(trial best {_fmt(self.best_in_trial.get(number))})"
-        )
-        if self.progress.disable:
-            logging.getLogger("tuner.optimize").info(line)
-        else:
-            self.progress.update(self.epochs, description=line, completed=epoch, total=self.max_epochs)
 
 
 def _exit_interrupted(code: int = 130) -> NoReturn:
@@ -349,18 +276,6 @@ def _exit_interrupted(code: int = 130) -> NoReturn:
         sys.stderr.flush()
         os._exit(code)
     raise typer.Exit(code=code)
-
-
-def _progress(quiet: bool) -> Progress:
-    """The command's progress bars, on stderr; off when quiet or not a terminal."""
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        disable=quiet or not err.is_terminal,
-    )
 
 
 def _parse_gpus(text: str | None) -> list[int]:
@@ -399,14 +314,14 @@ def _print_best(study: Any, metric: str) -> None:
         out.print(str(err), highlight=False)
         return
     out.print(
-        f"best trial {best.number}: {metric}={_fmt(best.value)} at epoch {best.user_attrs.get(TrialKey.BEST_EPOCH)}"
+        f"best trial {best.number}: {metric}={fmt(best.value)} at epoch {best.user_attrs.get(TrialKey.BEST_EPOCH)}"
     )
     if best.user_attrs.get(TrialKey.CONSTRAINT_VALUES):
-        met = ", ".join(f"{k}={_fmt(v)}" for k, v in best.user_attrs[TrialKey.CONSTRAINT_VALUES].items())
+        met = ", ".join(f"{k}={fmt(v)}" for k, v in best.user_attrs[TrialKey.CONSTRAINT_VALUES].items())
         n_feasible = sum(feasible(t) for t in trials if t.state == TrialState.COMPLETE)
         out.print(f"  within study.constraints ({met}); {n_feasible} of {counts['COMPLETE']} completed trials are")
     for key, value in best.params.items():
-        out.print(f"  {key} = {_fmt(value)}")
+        out.print(f"  {key} = {fmt(value)}")
 
 
 @app.command()
@@ -435,10 +350,10 @@ def trials(
         table.add_row(
             str(r["number"]),
             r["state"],
-            _fmt(r["value"]),
-            _fmt(r["best_epoch"]),
-            *(_fmt(r["params"].get(n)) for n in names),
-            _fmt(r["duration_s"]),
+            fmt(r["value"]),
+            fmt(r["best_epoch"]),
+            *(fmt(r["params"].get(n)) for n in names),
+            fmt(r["duration_s"]),
             r["reason"] or "",
         )
     # Piped output has no terminal width; a wide table beats one truncated to 80 columns.
@@ -557,38 +472,36 @@ def refit(
     quiet: QuietOpt = False,
 ) -> None:
     """Retrain a trial on train+validation and evaluate it once on the locked test split."""
-    from tuner.final import run_refit
-    from tuner.search import load_existing_study
+    from tuner.api import refit as run
 
     _setup_logging(verbose, quiet)
     if best_trial and trial is not None:
         raise TunerError("give either --best or --trial N, not both")
-    s = load_existing_study(study, storage)
-    progress = _progress(quiet)
-    with progress:
-        task = progress.add_task("networks", total=seeds * (folds or 1))
-        report = run_refit(
-            s,
-            trial_number=trial,
-            seeds=seeds,
-            folds=folds,
-            tta=tta,
-            out_dir=out_dir,
-            data=data,
-            cache_dir=cache_dir,
-            device=device,
-            allow_test_reuse=allow_test_reuse,
-            force=force,
-            bootstrap=bootstrap,
-            on_model=lambda done, total: progress.update(task, completed=done),
-            top_k=top_k,
-        )
+    model = run(
+        study,
+        storage=storage,
+        trial=trial,
+        seeds=seeds,
+        folds=folds,
+        tta=tta,
+        top_k=top_k,
+        out_dir=out_dir,
+        data=data,
+        device=device,
+        cache_dir=cache_dir,
+        allow_test_reuse=allow_test_reuse,
+        force=force,
+        bootstrap=bootstrap,
+        progress=not quiet,
+    )
+    report = model.report
+    assert report is not None
     if report.rescoring:
         out.print("re-scored on validation (mean ± sd over seeds):", highlight=False)
         for row in report.rescoring:
             mark = "  <- chosen" if row["trial"] == report.trial else ""
             out.print(
-                f"  trial {row['trial']:>3}: {_fmt(row['value'])} in the study, {row['mean']:.4f} ± {row['sd']:.4f}{mark}",
+                f"  trial {row['trial']:>3}: {fmt(row['value'])} in the study, {row['mean']:.4f} ± {row['sd']:.4f}{mark}",
                 highlight=False,
             )
     _print_test_summary(
@@ -605,8 +518,7 @@ def refit(
         how=f"{report.folds} folds × {len(report.seeds)} seeds" if report.folds else f"{len(report.seeds)} seed(s)",
         tta=report.tta,
     )
-    folder = out_dir or Path("studies") / study / "refit"
-    out.print(f"model, predictions, plots and report in {folder}/", highlight=False)
+    out.print(f"model, predictions, plots and report in {model.path.parent}/", highlight=False)
 
 
 @app.command()
@@ -641,7 +553,7 @@ def ensemble(
 
     _setup_logging(verbose, quiet)
     loaded = [load_existing_study(name, storage) for name in dict.fromkeys(studies)]
-    progress = _progress(quiet)
+    progress = bars(quiet)
     with progress:
         task = progress.add_task("members", total=None)
         report = run_ensemble(
@@ -688,7 +600,7 @@ def _print_test_summary(
     bootstrap CIs; one network alone beside them when the final model averages several."""
     out.print(headline, highlight=False)
     if positive_class:
-        out.print(f"positive class {positive_class}, threshold {_fmt(threshold)} ({threshold_rule})")
+        out.print(f"positive class {positive_class}, threshold {fmt(threshold)} ({threshold_rule})")
     if seeds == 1:  # one seed's networks are the final model: a per-seed column would repeat it
         final = None
     if networks == 1:  # and one network is the whole model
@@ -745,9 +657,9 @@ def evaluate(
     bootstrap: BootstrapOpt = 1000,
 ) -> None:
     """Evaluate a saved model on a data set, with its frozen threshold."""
-    from tuner.final import evaluate as run_evaluate
+    from tuner.api import load_model
 
-    report = run_evaluate(model, data=data, out_dir=out_dir, cache_dir=cache_dir, force=force, bootstrap=bootstrap)
+    report = load_model(model).evaluate(data, out_dir=out_dir, cache_dir=cache_dir, force=force, bootstrap=bootstrap)
     _print_test_summary(
         f"{model} on {report.data} ({report.split})",
         positive_class=report.positive_class,
@@ -768,20 +680,16 @@ def predict(
     """Class probabilities and the thresholded label for each image, as CSV."""
     import csv
 
-    from tuner.data import decode_files
-    from tuner.train import load_model
+    from tuner.api import load_model
 
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise TunerError(f"image file(s) not found: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
-    saved = load_model(model)
-    probs = saved.probabilities(decode_files(list(images), saved.image_size, saved.channels))
-    labels = saved.decide(probs)
+    final = load_model(model)
+    probs = final.predict_proba(images)
+    labels = final.decide(probs)
     fh = output.open("w", newline="") if output else sys.stdout
     writer = csv.writer(fh)
-    writer.writerow(["path", *[f"p_{c}" for c in saved.class_names], "label"])
-    for path, row, label in zip(images, probs.tolist(), labels.tolist(), strict=True):
-        writer.writerow([str(path), *[f"{p:.6f}" for p in row], saved.class_names[label]])
+    writer.writerow(["path", *[f"p_{c}" for c in final.classes], "label"])
+    for path, row, label in zip(images, probs.tolist(), labels, strict=True):
+        writer.writerow([str(path), *[f"{p:.6f}" for p in row], label])
     if output:
         fh.close()
 
@@ -807,8 +715,8 @@ def report(
     for col in ("#", summary["metric"], "best epoch", "threshold", "params"):
         table.add_column(col)
     for t in summary["top_trials"]:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
-        table.add_row(str(t["number"]), _fmt(t["value"]), _fmt(t["best_epoch"]), _fmt(t["threshold"]), params)
+        params = ", ".join(f"{k}={fmt(v)}" for k, v in t["params"].items())
+        table.add_row(str(t["number"]), fmt(t["value"]), fmt(t["best_epoch"]), fmt(t["threshold"]), params)
     out.print(table)
     if summary["importances"]:
         out.print(

@@ -77,15 +77,19 @@ class Source:
 
 
 def _decode_file(path: Path, size: int, channels: int) -> np.ndarray:
-    mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as img:
             # JPEG draft mode decodes at a reduced scale directly: much faster for large photos.
-            img.draft(mode, (size, size))
-            img = img.convert(mode).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-            arr = np.asarray(img, dtype=np.uint8)
+            img.draft("L" if channels == 1 else "RGB", (size, size))
+            return decode_image(img, size, channels)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot decode image {path}: {err}") from None
+
+
+def decode_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
+    """A PIL image as C×size×size uint8, converted and resized as every image tuner decodes."""
+    img = img.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    arr = np.asarray(img, dtype=np.uint8)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 

@@ -23,7 +23,14 @@ from tuner.final.report import write_report
 from tuner.final.results import Estimate, EvaluationReport, Summary
 from tuner.metric_names import METRIC_NAMES, REPORT_ORDER
 from tuner.search import STUDIES_DIR, DataSettings, SearchSpace, StudyKey, prepare, redacted_command
-from tuner.train import average_probabilities, evaluation_report, load_model, plot_confusion, plot_roc_pr
+from tuner.train import (
+    SavedModel,
+    average_probabilities,
+    evaluation_report,
+    load_model,
+    plot_confusion,
+    plot_roc_pr,
+)
 
 
 def test_reads(study: optuna.Study) -> list[dict]:
@@ -165,9 +172,11 @@ def evaluate(
     cache_dir: Path = STUDIES_DIR / "cache",
     force: bool = False,
     bootstrap: int = 1000,
+    saved: SavedModel | None = None,
 ) -> EvaluationReport:
-    """Evaluate a saved model on a data source: its test split if it has one, else all of it."""
-    saved = load_model(model_path)
+    """Evaluate a saved model on a data source: its test split if it has one, else all of it.
+    ``saved``: the model already loaded from ``model_path``."""
+    saved = saved or load_model(model_path)
     split, names, description, which = load_labelled_images(
         data,
         image_size=saved.image_size,

@@ -9,6 +9,7 @@ probabilities. The test set is read through :mod:`tuner.final.evaluation`, which
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,7 @@ def run_refit(
     force: bool = False,
     bootstrap: int = 1000,
     on_model: Callable[[int, int], None] | None = None,
+    on_epoch: Callable[[int, int, int, int, dict[str, float]], None] | None = None,
     top_k: int | None = None,
 ) -> RefitReport:
     """Retrain the chosen trial (``trial_number``, else the best) on train+val with ``seeds`` seeds, evaluate once on test, write the report.
@@ -86,6 +88,9 @@ def run_refit(
 
     With ``top_k``, the ``top_k`` best trials are first re-scored with ``seeds`` seeds on validation
     and the best mean is refit (see :func:`rescore`).
+
+    ``on_model`` is told (networks done, networks) and ``on_epoch`` (network, networks, epoch, epochs,
+    training metrics), counting networks from 1 over every seed and fold.
     """
     check_refit_options(seeds=seeds, folds=folds, tta=tta, top_k=top_k, trial_number=trial_number)
     trial = pick_trial(study, trial_number)
@@ -119,6 +124,10 @@ def run_refit(
         if on_model is not None:
             on_model(done, n_models)
 
+    def epoch_done(k: int, fold: int, epoch: int, metrics: dict[str, float]) -> None:
+        if on_epoch is not None:
+            on_epoch(k * (folds or 1) + fold + 1, n_models, epoch, epochs, metrics)
+
     runs = [
         run_seed(
             hparams,
@@ -130,9 +139,10 @@ def run_refit(
             folds=folds,
             tta=tta,
             on_model=model_done,
+            on_epoch=functools.partial(epoch_done, k),
             feature_cache=cache_dir,
         )
-        for seed in seed_list
+        for k, seed in enumerate(seed_list)
     ]
     record_test_read(
         study,

@@ -9,6 +9,7 @@ the training loss.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -180,10 +181,12 @@ def run_seed(
     folds: int | None,
     tta: str,
     on_model: Callable[[], None] | None = None,
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
     feature_cache: Path | None = None,
 ) -> SeedRun:
     """Train the recipe with ``seed``: on all of train+val, or on ``folds`` folds of it (each network
-    on all folds but one, which it then predicts: the out-of-fold probabilities)."""
+    on all folds but one, which it then predicts: the out-of-fold probabilities). ``on_epoch`` is told
+    (network of this seed, epoch, training metrics) after each epoch."""
     images = np.concatenate([dataset.train.images, dataset.val.images])
     labels = np.concatenate([dataset.train.labels, dataset.val.labels])
     tags = pooled(dataset.train.tags, dataset.val.tags)
@@ -204,7 +207,8 @@ def run_seed(
             val=None,
             train_tags=None if tags is None else tags[train_mask],
         )
-        model, _ = train_model(hparams, data, settings, seed=seed + f, epochs=epochs)
+        told = None if on_epoch is None else functools.partial(on_epoch, f)
+        model, _ = train_model(hparams, data, settings, seed=seed + f, epochs=epochs, on_epoch=told)
         normalize = model_normalization(model, hparams.model, dataset.channels)
         models.append(model)
         if fold is not None:

@@ -6,8 +6,8 @@ command prints, what it returns to Python and what it leaves on disk are one obj
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,23 @@ class Estimate:
 Summary = dict[str, Estimate]  # metric name -> estimate, in tuner.metric_names.REPORT_ORDER
 
 
+_SUMMARIES = ("summary", "single_network", "final_summary")  # fields holding a Summary
+R = TypeVar("R", bound="_Report")
+
+
 class _Report:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls: type[R], data: dict[str, Any]) -> R:
+        """The report again from what :meth:`to_json` gave (``report.json``); keys it does not know are left."""
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        values = {k: v for k, v in data.items() if k in known}
+        for name in _SUMMARIES:
+            if isinstance(values.get(name), dict):
+                values[name] = {metric: Estimate(**e) for metric, e in values[name].items()}
+        return cls(**values)
 
 
 @dataclass(frozen=True)

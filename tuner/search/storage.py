@@ -4,13 +4,15 @@ from anything shown, loading and copying studies."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import shlex
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,9 +43,29 @@ def redact(url: str) -> str:
         return "<malformed storage URL>"
 
 
+_python_call: ContextVar[str | None] = ContextVar("tuner_python_call", default=None)
+
+
+@contextlib.contextmanager
+def python_call(line: str) -> Iterator[None]:
+    """While it runs, a Python API call (``tuner.refit('breast', seeds=3)``) is what :func:`redacted_command`
+    records, unless this process is the ``tuner`` command itself (which calls the API too)."""
+    token = _python_call.set(line)
+    try:
+        yield
+    finally:
+        _python_call.reset(token)
+
+
 def redacted_command(argv: Sequence[str] | None = None) -> str:
-    """The command running now (``tuner`` and ``argv``, by default this process's arguments) as one line,
-    with the password of any URL in it hidden: it is stored in the study and shown in reports."""
+    """The command running now (``tuner`` and ``argv``, by default this process's arguments; or the Python
+    call, from a notebook or script) as one line, with the password of any URL in it hidden: it is stored in
+    the study and shown in reports."""
+    call = _python_call.get()
+    started_as = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    command_line = started_as.name == "tuner" or started_as.parts[-2:] == ("tuner", "__main__.py")
+    if argv is None and call is not None and not command_line:
+        return redact(call) if "://" in call else call
     shown = []
     for arg in sys.argv[1:] if argv is None else argv:
         flag, eq, value = arg.partition("=")

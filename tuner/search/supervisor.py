@@ -101,9 +101,8 @@ def run_optimize(
     threads = threads_per_worker(n_workers, threads)
     if join:
         _check_joinable(space.study.name, storage_url)
-    # Opened before the data are decoded (minutes, the first time): a mistyped URL is said at once.
-    storage = open_storage(storage_url, heartbeat=heartbeat, patience=storage_patience)
     dataset = dataset or prepare(space, cache_dir=cache_dir)  # decoded once, before any worker starts
+    storage = open_storage(storage_url, heartbeat=heartbeat, patience=storage_patience)  # a bad source: no file
     if storage_patience > 2 * heartbeat:
         log.warning(
             "--storage-patience %.0f is over two heartbeats (--heartbeat %d): a trial running through a database "

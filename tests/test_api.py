@@ -1,0 +1,106 @@
+"""The Python API as a notebook uses it: a space as a dict, a study and a final model as Python objects,
+images in every form a notebook holds them, errors as exceptions; and the same numbers the commands give."""
+
+from __future__ import annotations
+
+import csv
+import logging
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+from PIL import Image
+
+import tuner
+from tests.conftest import invoke, tiny_space
+from tuner.final import EvaluationReport, RefitReport
+
+
+def _space(npz) -> dict:
+    return tiny_space(
+        study={"n_trials": 2, "artifacts": False},
+        data={"source": str(npz), "image_size": 16, "label_aliases": {"0": "benign", "1": "malignant"}},
+        train={"max_epochs": 2},
+    )
+
+
+def test_a_notebook_optimizes_refits_and_predicts_through_the_api(workdir, lesion_npz, caplog):
+    space = _space(lesion_npz)
+    with caplog.at_level(logging.INFO):
+        study = tuner.optimize(space)
+    assert isinstance(study, optuna.Study) and study.study_name == "tiny"
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
+    # Off a terminal and a notebook, every epoch is a log line (a long cell's log is never silent).
+    assert "trial 0 epoch 2/2 val_auroc=" in caplog.text
+    stored = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db")
+    assert len(stored.get_trials()) == 2, "stored where the command stores it"
+    assert len(tuner.optimize(space, n_trials=1, progress=False).get_trials()) == 3, "each call adds trials"
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        model = tuner.refit(study, seeds=2, bootstrap=50)
+    assert "network 2/2 epoch 2/2 train_loss=" in caplog.text
+    assert isinstance(model, tuner.FinalModel)
+    assert model.path.resolve() == workdir / "studies" / "tiny" / "refit" / "model.pt"
+    assert model.classes == ("benign", "malignant") and model.positive_class == "malignant"
+    report = model.report
+    assert isinstance(report, RefitReport) and len(report.seeds) == 2 and report.networks == 2
+    assert report.threshold == model.threshold and report.final_summary["auroc"].ci_low is not None
+    [read] = optuna.load_study(study_name="tiny", storage="sqlite:///studies/tiny.db").user_attrs["test_set_reads"]
+    assert read["command"] == "tuner.refit('tiny', seeds=2, bootstrap=50)", "the audit names the Python call"
+
+    test = np.load(lesion_npz)["test_images"]  # N×H×W×C, as MedMNIST and PIL hold images
+    probs = model.predict_proba(test)
+    with (model.path.parent / "predictions.csv").open() as fh:
+        written = [[float(r["p_benign"]), float(r["p_malignant"])] for r in csv.DictReader(fh) if r["model"] == "final"]
+    np.testing.assert_allclose(probs, written, atol=2e-6)
+    assert probs.shape == (len(test), 2) and np.allclose(probs.sum(1), 1, atol=1e-6)
+
+    files = []
+    for i in range(3):
+        files.append(workdir / f"img{i}.png")
+        Image.fromarray(test[i]).save(files[-1])
+    as_pil = [Image.open(f) for f in files]
+    mixed = [files[0], as_pil[1], test[2]]  # a path, a PIL image and one H×W×C array
+    for form in (files, [str(f) for f in files], as_pil, mixed, test[:3]):
+        np.testing.assert_allclose(model.predict_proba(form), probs[:3], atol=1e-6)
+    predicted = invoke("predict", "--model", model.path, *files)
+    assert predicted.exit_code == 0, predicted.output
+    rows = list(csv.DictReader(predicted.stdout.splitlines()))
+    assert model.predict(files) == [r["label"] for r in rows]
+    np.testing.assert_allclose([float(r["p_malignant"]) for r in rows], probs[:3, 1], atol=1e-5)
+    expected = ["malignant" if p >= model.threshold else "benign" for p in probs[:, 1]]
+    assert model.predict(test) == expected
+
+    loaded = tuner.load_model(model.path)
+    assert loaded.report == report, "report.json beside model.pt is read back as the same typed report"
+    np.testing.assert_array_equal(loaded.predict_proba(test), probs)
+    evaluation = loaded.evaluate(lesion_npz, bootstrap=50)
+    assert isinstance(evaluation, EvaluationReport) and evaluation.split == "test"
+    assert evaluation.summary["auroc"].mean == pytest.approx(report.final_summary["auroc"].mean, abs=1e-6)
+
+    with pytest.raises(tuner.DataError, match="image file\\(s\\) not found: .*missing.png"):
+        model.predict_proba([files[0], workdir / "missing.png"])
+    with pytest.raises(tuner.TunerError, match="image arrays must be uint8"):
+        model.predict_proba(np.zeros((16, 16, 3), np.float32))
+    with pytest.raises(tuner.TunerError, match="channels last"):
+        model.predict_proba(np.zeros((2, 3, 16, 16), np.uint8))
+    with pytest.raises(tuner.TunerError, match="not int"):
+        model.predict_proba([3])  # type: ignore[list-item]
+
+
+def test_api_mistakes_are_exceptions_with_the_commands_message(workdir, lesion_npz, tmp_path):
+    space = _space(lesion_npz)
+    with pytest.raises(tuner.SpaceError, match=r"<dict>: params\.lr"):
+        tuner.optimize({**space, "params": {**space["params"], "lr": {"low": 1.0}}}, progress=False)
+    with pytest.raises(tuner.DataError, match="data source does/not/exist does not exist"):
+        tuner.optimize(space, data="does/not/exist", progress=False)
+    with pytest.raises(tuner.StorageError, match="no study 'nothing'"):
+        tuner.refit("nothing", progress=False)
+    assert not list(workdir.glob("studies/*.db")), "nothing half-written"
+
+    fixed = tuner.load_space(space, set=["params.lr=0.005", "study.n_trials=1"])
+    assert fixed.study.n_trials == 1 and fixed.params["lr"] == 0.005
+    as_dict = tuner.load_space(space, set={"params.lr": 0.005, "study.n_trials": 1})
+    assert as_dict.fingerprint() == fixed.fingerprint()
