@@ -1,6 +1,6 @@
 """The package's rooms and the one direction of their imports, derived from the folder names.
 
-``tuner/data`` < ``tuner/train`` < ``tuner/search`` < ``tuner/final`` < the CLI: a folder imports only
+``tuner/data`` < ``tuner/train`` < ``tuner/search`` < ``tuner/final`` < the API and the CLI: a folder imports only
 itself, the folders below it and the shared base modules at the top of the package (errors, names,
 interrupts), which import no folder. Another folder is entered through its front door
 (``from tuner.train import X``), never through one of its modules.
@@ -20,7 +20,7 @@ from tuner._exports import typed_exports
 
 PACKAGE = Path(__file__).parents[1] / "tuner"
 LAYERS = ["data", "train", "search", "final"]  # bottom to top
-TOP = {"cli", "__main__"}  # above every folder
+TOP = {"cli", "__main__", "api", "progress"}  # above every folder: the command line, the Python API
 
 
 def _runtime_imports(path: Path) -> set[str]:

@@ -53,8 +53,8 @@ def load_space(
     values are ignored). ``set``: as ``--set``, either ``{"params.lr": 0.001}`` or ``["params.lr=0.001"]``;
     there ``None`` removes the key. ``require_data``: the space (or an override) must name its data.
     """
-    from tuner.search import parse_assignments
-    from tuner.search.space import SearchSpace, load_space, parse_space
+    from tuner.search import SearchSpace, parse_assignments, parse_space
+    from tuner.search import load_space as load_space_file
 
     if isinstance(set, str):
         raise TunerError(f"set must be a dict or a list of 'key=value' strings, not the string {set!r}")
@@ -65,7 +65,7 @@ def load_space(
         space = space.model_dump(mode="json")
     if isinstance(space, Mapping):
         return parse_space(dict(space), "<dict>", overrides, assignments, require_source=require_data)
-    return load_space(space, overrides, assignments, require_source=require_data)
+    return load_space_file(space, overrides, assignments, require_source=require_data)
 
 
 def optimize(
@@ -98,8 +98,7 @@ def optimize(
     help finish the study's remaining ones). Returns the Optuna study, stored in ``storage`` (default
     ``sqlite:///studies/<study>.db``). The arguments are ``optimize``'s flags (``tuner optimize --help``)."""
     from tuner.progress import StudyProgress
-    from tuner.search import default_storage, load_existing_study, run_optimize
-    from tuner.search.outage import DEFAULT_PATIENCE
+    from tuner.search import DEFAULT_PATIENCE, default_storage, load_existing_study, run_optimize
 
     overrides = {
         "data.source": None if data is None else str(data),
@@ -172,8 +171,7 @@ def refit(
 
     from tuner.final import run_refit
     from tuner.progress import NetworkProgress
-    from tuner.search import load_existing_study
-    from tuner.search.storage import STUDIES_DIR, python_call
+    from tuner.search import STUDIES_DIR, load_existing_study, python_call
 
     call = _call_line(refit, locals())
     loaded = study if isinstance(study, optuna.Study) else load_existing_study(study, storage)
@@ -214,7 +212,7 @@ def _call_line(fn: Any, arguments: dict[str, Any]) -> str:
 
 def load_model(path: str | Path, *, device: str = "cpu") -> FinalModel:
     """A ``model.pt`` written by refit, with its ``report.json`` when it lies beside it."""
-    from tuner.final.results import RefitReport
+    from tuner.final import RefitReport
 
     path = Path(path)
     report_file = path.with_name("report.json")
@@ -231,7 +229,7 @@ class FinalModel:
     ``predict_proba`` gives exactly the probabilities ``tuner predict`` and ``tuner evaluate`` give."""
 
     def __init__(self, path: str | Path, *, report: RefitReport | None = None, device: str = "cpu") -> None:
-        from tuner.train.checkpoint import load_model as load_saved
+        from tuner.train import load_model as load_saved
 
         self.path = Path(path)
         self.report = report  # the refit's, when known (returned by refit, or report.json beside the file)
@@ -306,7 +304,7 @@ def as_model_input(images: ImagesLike, size: int, channels: int) -> np.ndarray:
     """Images as the model reads them: uint8 N×C×size×size, decoded and resized as tuner decodes data."""
     from PIL.Image import Image
 
-    from tuner.data.sources import decode_files, decode_image, resize_array
+    from tuner.data import decode_files, decode_image, resize_array
 
     if isinstance(images, (str, Path, Image, np.ndarray)):
         images = [images]

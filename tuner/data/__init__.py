@@ -27,6 +27,6 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         target_counts,
     )
     from tuner.data.loader import Normalize, TensorSplit, iterate_batches
-    from tuner.data.sources import CsvColumns, decode_files
+    from tuner.data.sources import CsvColumns, decode_files, decode_image, resize_array
     from tuner.data.splits import assign_folds, assign_splits
     from tuner.data.synthetic import make_synthetic

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.search.budget import TrialBudget
     from tuner.search.keys import StudyKey, TrialKey
     from tuner.search.objective import Objective, run_settings
-    from tuner.search.outage import DatabaseAway, outage_summary
+    from tuner.search.outage import DEFAULT_PATIENCE, DatabaseAway, outage_summary
     from tuner.search.space import (
         DataSettings,
         SearchSpace,
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         default_storage,
         load_existing_study,
         open_storage,
+        python_call,
         redact,
         redacted_command,
     )
