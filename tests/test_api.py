@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import runpy
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -15,6 +17,8 @@ from PIL import Image
 import tuner
 from tests.conftest import invoke, tiny_space
 from tuner.final import EvaluationReport, RefitReport
+
+ROOT = Path(__file__).parents[1]
 
 
 def _space(npz) -> dict:
@@ -104,3 +108,10 @@ def test_api_mistakes_are_exceptions_with_the_commands_message(workdir, lesion_n
     assert fixed.study.n_trials == 1 and fixed.params["lr"] == 0.005
     as_dict = tuner.load_space(space, set={"params.lr": 0.005, "study.n_trials": 1})
     assert as_dict.fingerprint() == fixed.fingerprint()
+
+
+def test_the_example_script_runs_as_the_readme_says(workdir, capsys):
+    runpy.run_path(str(ROOT / "examples" / "api.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "best trial" in printed and "test AUROC" in printed and "2 networks" in printed
+    assert len(optuna.load_study(study_name="api_example", storage="sqlite:///studies/api_example.db").trials) == 3

@@ -218,7 +218,10 @@ def load_model(path: str | Path, *, device: str = "cpu") -> FinalModel:
     report_file = path.with_name("report.json")
     report = None
     if report_file.is_file():
-        report = RefitReport.from_json(json.loads(report_file.read_text()))
+        try:
+            report = RefitReport.from_json(json.loads(report_file.read_text()))
+        except (TypeError, ValueError):  # an older tuner's report, or another file: the model still loads
+            report = None
     return FinalModel(path, report=report, device=device)
 
 
