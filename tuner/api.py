@@ -279,6 +279,17 @@ class FinalModel:
         """The predicted class of each image."""
         return self.decide(self.predict_proba(images, batch_size=batch_size))
 
+    def export(self, path: str | Path) -> Path:
+        """Write the model as one ONNX graph (``.onnx``): uint8 images N×C×S×S in, class probabilities out,
+        with the normalisation, every network and every test-time view inside and the classes and threshold
+        in its metadata. Needs the onnx extra."""
+        from tuner.final import export_onnx
+
+        path = Path(path)
+        if path.suffix != ".onnx":
+            raise TunerError(f"the export's file name must end in .onnx, but got {path}")
+        return export_onnx(self.saved, path)
+
     def evaluate(
         self,
         data: str | Path,

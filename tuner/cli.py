@@ -696,6 +696,25 @@ def predict(
 
 @app.command()
 @user_errors
+def export(
+    model: Annotated[Path, typer.Option("--model", help="A model.pt written by refit.", dir_okay=False)],
+    to: Annotated[Path, typer.Option("--to", help="The ONNX file to write (.onnx).", dir_okay=False)],
+) -> None:
+    """One ONNX graph: uint8 images in, class probabilities out (normalisation, every network, TTA inside)."""
+    from tuner.api import load_model
+
+    final = load_model(model)
+    written = final.export(to)
+    out.print(
+        f"{written}: uint8 images N×{final.saved.channels}×{final.image_size}×{final.image_size} in, "
+        f"probabilities of {', '.join(final.classes)} out; threshold {fmt(final.threshold)} in its metadata",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
 def report(
     study: StudyOpt,
     storage: StorageOpt = None,

@@ -126,6 +126,4 @@ def logits_to_probs(logits: torch.Tensor, *, num_classes: int, positive_index: i
         return logits.softmax(dim=1)
     p = torch.sigmoid(logits[:, 0])
     pos = 1 if positive_index is None else positive_index
-    probs = torch.empty(len(p), 2, device=logits.device)
-    probs[:, pos], probs[:, 1 - pos] = p, 1 - p
-    return probs
+    return torch.stack([1 - p, p] if pos == 1 else [p, 1 - p], dim=1)
