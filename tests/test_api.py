@@ -4,6 +4,7 @@ images in every form a notebook holds them, errors as exceptions; and the same n
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import runpy
 from pathlib import Path
@@ -23,7 +24,7 @@ ROOT = Path(__file__).parents[1]
 
 def _space(npz) -> dict:
     return tiny_space(
-        study={"n_trials": 2, "artifacts": False},
+        study={"n_trials": 2, "artifacts": False, "description": "Triage of dermoscopic lesions (test fixture)."},
         data={"source": str(npz), "image_size": 16, "label_aliases": {"0": "benign", "1": "malignant"}},
         train={"max_epochs": 2},
     )
@@ -77,6 +78,8 @@ def test_a_notebook_optimizes_refits_and_predicts_through_the_api(workdir, lesio
     expected = ["malignant" if p >= model.threshold else "benign" for p in probs[:, 1]]
     assert model.predict(test) == expected
 
+    _check_card_against_report(model.path.parent)
+
     loaded = tuner.load_model(model.path)
     assert loaded.report == report, "report.json beside model.pt is read back as the same typed report"
     np.testing.assert_array_equal(loaded.predict_proba(test), probs)
@@ -115,3 +118,29 @@ def test_the_example_script_runs_as_the_readme_says(workdir, capsys):
     printed = capsys.readouterr().out
     assert "best trial" in printed and "test AUROC" in printed and "2 networks" in printed
     assert len(optuna.load_study(study_name="api_example", storage="sqlite:///studies/api_example.db").trials) == 3
+
+
+def _check_card_against_report(folder: Path) -> None:
+    """MODEL_CARD.md says what report.json holds: each figure as the report has it."""
+    card = (folder / "MODEL_CARD.md").read_text()
+    report = json.loads((folder / "report.json").read_text())
+    assert "## Intended use\n\nTriage of dermoscopic lesions (test fixture)." in card
+    for section in ("Data", "Model", "Operating point", "Test results", "Test-set reads", "Versions"):
+        assert f"\n## {section}\n" in card
+    assert f"- fingerprint: `{report['data_fingerprint']}`" in card and len(report["data_fingerprint"]) >= 8
+    for split, counts in report["class_counts"].items():
+        assert f"| {split} | {' | '.join(map(str, counts))} |" in card
+    assert sum(report["class_counts"]["test"]) == report["n_test"]
+    assert f"Threshold {report['threshold']:.4f} on the probability of malignant" in card
+    for name, e in report["final_summary"].items():
+        ci = "" if e["ci_low"] is None else f"{e['ci_low']:.4f} – {e['ci_high']:.4f}"
+        assert f"| {name} | {e['mean']:.4f} | {ci} |" in card, name
+    for name, c in report["final"]["per_class"].items():
+        assert f"| {name} | {c['precision']:.4f} | {c['recall']:.4f} | {c['support']} |" in card
+    gap = report["final_summary"]["auroc"]["mean"] - report["validation_value"]
+    assert (
+        f"against auroc {report['final_summary']['auroc']['mean']:.4f} (the final model, on test): {gap:+.4f}" in card
+    )
+    assert f"were read {len(report['test_set_reads'])} time(s)" in card
+    assert all(f"(`{read['command']}`)" in card for read in report["test_set_reads"])
+    assert all(f"- {k}: {v}" in card for k, v in report["versions"].items()) and "- torch: " in card

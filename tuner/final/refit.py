@@ -25,6 +25,7 @@ from tuner.final.evaluation import (
     record_test_read,
     test_reads,
 )
+from tuner.final.model_card import write_model_card
 from tuner.final.replay import SEED_STRIDE, pick_trial, replay_hparams, run_seed, save_refit_model, study_space
 from tuner.final.report import write_report
 from tuner.final.rescore import rescore
@@ -42,6 +43,7 @@ from tuner.train import (
     plot_history,
     plot_roc_pr,
     resolve_device,
+    versions,
 )
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,14 @@ def run_refit(
         final=scores.final,
         final_summary=scores.final_summary,
         test_set_reads=test_reads(study),
+        description=space.study.description,
+        data_fingerprint=dataset.fingerprint,
+        class_counts={
+            split: part.class_counts(dataset.num_classes)
+            for split, part in (("train", dataset.train), ("validation", dataset.val), ("test", dataset.test))
+        },
+        image_size=dataset.image_size,
+        versions=versions(),
     )
     write_refit_predictions(out_dir, dataset, seed_list, runs, scores.final_probs)
     _plots(
@@ -218,6 +228,7 @@ def run_refit(
         final_threshold,
     )
     write_report(out_dir, report.to_json(), title=f"Refit of trial {trial.number} of study {study.study_name}")
+    write_model_card(out_dir, report)
     return report
 
 

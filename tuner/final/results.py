@@ -89,6 +89,12 @@ class RefitReport(_Report):
     final: dict[str, Any]  # what model.pt holds and evaluate / predict reproduce
     final_summary: Summary
     test_set_reads: list[dict[str, Any]]
+    # For the model card (reports written before these were kept read back with their defaults).
+    description: str | None = None  # study.description: what the model is for
+    data_fingerprint: str | None = None
+    class_counts: dict[str, list[int]] | None = None  # split -> count per class, in class_names order
+    image_size: int | None = None
+    versions: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)

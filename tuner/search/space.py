@@ -144,6 +144,7 @@ class Bound(_Frozen):
 
 class StudySettings(_Frozen):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)] = "tuner"
+    description: str | None = None  # what the model is for: the model card's intended use
     metric: Literal[VALIDATION_METRICS] = "val_auroc"  # type: ignore[valid-type]
     direction: Literal["maximize", "minimize", None] = None
     sampler: SamplerSettings = SamplerSettings()
@@ -340,7 +341,9 @@ class SearchSpace(_Frozen):
 
     def fingerprint(self) -> str:
         """Hash of everything that defines the experiment (not of n_trials / timeout / device)."""
-        content = self.model_dump(mode="json", exclude={"study": {"n_trials", "timeout", "name", "stop"}})
+        content = self.model_dump(
+            mode="json", exclude={"study": {"n_trials", "timeout", "name", "stop", "description"}}
+        )
         for resource in ("device", "min_batch_size"):  # where it runs, not what it computes
             content["train"].pop(resource, None)
         text = json.dumps(content, sort_keys=True)

@@ -98,13 +98,7 @@ def save_model(
         "threshold": threshold,
         "positive_index": positive_index,
         "seed": seed,
-        "versions": {
-            "tuner": __version__,
-            "torch": str(torch.__version__),
-            "timm": timm.__version__,
-            "optuna": importlib.metadata.version("optuna"),  # recorded without importing the search stack
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "provenance": provenance,
     }
     try:
@@ -112,6 +106,17 @@ def save_model(
     except OSError as err:
         raise TunerError(f"cannot write the model file {path}: {err.strerror or err}") from None
     return path
+
+
+def versions() -> dict[str, str]:
+    """The versions a model was made with, as model.pt and the model card record them."""
+    return {
+        "tuner": __version__,
+        "torch": str(torch.__version__),
+        "timm": timm.__version__,
+        "optuna": importlib.metadata.version("optuna"),  # recorded without importing the search stack
+        "python": platform.python_version(),
+    }
 
 
 def save_atomically(payload: dict, path: Path) -> None:
