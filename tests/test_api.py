@@ -144,3 +144,21 @@ def _check_card_against_report(folder: Path) -> None:
     assert f"were read {len(report['test_set_reads'])} time(s)" in card
     assert all(f"(`{read['command']}`)" in card for read in report["test_set_reads"])
     assert all(f"- {k}: {v}" in card for k, v in report["versions"].items()) and "- torch: " in card
+
+
+@pytest.mark.parametrize("logger", ["tuner.optimize", "tuner.refit"])
+def test_off_a_terminal_a_script_without_logging_still_sees_each_epoch(logger, monkeypatch, capsys, caplog):
+    from tuner.progress import NetworkProgress, StudyProgress
+
+    space = tuner.load_space(tiny_space())
+    monkeypatch.setattr(logging.getLogger(logger), "propagate", False)  # as in a script: no handler anywhere
+    for quiet in (False, True):
+        with StudyProgress(space, total=1, quiet=quiet) as study, NetworkProgress(what="networks", quiet=quiet) as nets:
+            study.epoch(0, 1, 0.75)
+            nets.epoch(1, 2, 1, 3, {"train_loss": 0.5})
+        said = capsys.readouterr().err
+        line = (
+            "trial 0 epoch 1/2 val_auroc=0.75" if logger == "tuner.optimize" else "network 1/2 epoch 1/3 train_loss=0.5"
+        )
+        assert (line in said) is not quiet, said  # progress=False (quiet): nothing
+    assert logger not in caplog.text, "printed, not logged"

@@ -25,6 +25,16 @@ def fmt(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def say(logger: str, line: str) -> None:
+    """One progress line off a terminal: through logging where it is set up (the command line, a test),
+    else straight to stderr (a script or notebook that configured no logging would otherwise show nothing)."""
+    log = logging.getLogger(logger)
+    if log.hasHandlers():
+        log.info(line)
+    else:
+        console.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
 def bars(quiet: bool) -> Progress:
     """Progress bars on stderr; off when ``quiet`` or neither a terminal nor a notebook."""
     return Progress(
@@ -45,6 +55,7 @@ class StudyProgress:
         self.metric, self.max_epochs = space.study.metric, space.train.max_epochs
         self.sign = 1 if space.study.resolved_direction == "maximize" else -1
         self.progress = bars(quiet)
+        self.quiet = quiet
         self.total = total
         self.best_in_trial: dict[int, float] = {}
         self.last_epoch: dict[int, int] = {}
@@ -66,13 +77,15 @@ class StudyProgress:
         if feasibility(trial) is False:
             s["reason"] = s["reason"] or "outside study.constraints"
         detail = s["reason"] or f"best epoch {s['best_epoch']}"
+        self.progress.advance(self.trials)
+        if self.quiet:
+            return
         self.progress.console.print(
             f"trial {s['number']:>3} {s['state']:<8} {self.metric}={fmt(s['value']):<7} "
             f"({detail}; {s['duration_s']} s)  best so far {fmt(best) if best is not None else '-'}",
             highlight=False,
             soft_wrap=True,
         )
-        self.progress.advance(self.trials)
 
     def epoch(self, number: int, epoch: int, value: float) -> None:
         """Inside a trial: its epoch, latest value and best so far."""
@@ -86,10 +99,10 @@ class StudyProgress:
             f"trial {number} epoch {epoch}/{self.max_epochs} {self.metric}={fmt(value)} "
             f"(trial best {fmt(self.best_in_trial.get(number))})"
         )
-        if self.progress.disable:
-            logging.getLogger("tuner.optimize").info(line)
-        else:
+        if not self.progress.disable:
             self.progress.update(self.epochs, description=line, completed=epoch, total=self.max_epochs)
+        elif not self.quiet:
+            say("tuner.optimize", line)
 
 
 class NetworkProgress:
@@ -98,6 +111,7 @@ class NetworkProgress:
 
     def __init__(self, *, what: str, quiet: bool) -> None:
         self.what = what
+        self.quiet = quiet
         self.progress = bars(quiet)
 
     def __enter__(self) -> NetworkProgress:
@@ -117,7 +131,7 @@ class NetworkProgress:
         line = f"network {network}/{networks} epoch {epoch}/{epochs}" + (
             "" if loss is None else f" train_loss={fmt(loss)}"
         )
-        if self.progress.disable:
-            logging.getLogger("tuner.refit").info(line)
-        else:
+        if not self.progress.disable:
             self.progress.update(self.epochs, description=line, completed=epoch, total=epochs)
+        elif not self.quiet:
+            say("tuner.refit", line)
