@@ -7,6 +7,7 @@ import csv
 import json
 import logging
 import runpy
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,10 @@ def test_api_mistakes_are_exceptions_with_the_commands_message(workdir, lesion_n
     space = _space(lesion_npz)
     with pytest.raises(tuner.SpaceError, match=r"<dict>: params\.lr"):
         tuner.optimize({**space, "params": {**space["params"], "lr": {"low": 1.0}}}, progress=False)
+    handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(tuner.DataError, match="data source does/not/exist does not exist"):
         tuner.optimize(space, data="does/not/exist", progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler, "the caller's Ctrl-C handler is given back"
     with pytest.raises(tuner.StorageError, match="no study 'nothing'"):
         tuner.refit("nothing", progress=False)
     assert not list(workdir.glob("studies/*.db")), "nothing half-written"

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from tuner import interrupts
 from tuner.errors import DataError, TunerError
 
 if TYPE_CHECKING:
@@ -112,7 +113,8 @@ def optimize(
     storage_url = storage or default_storage(search_space.study.name)
     donor = None if warm_start is None else load_existing_study(warm_start, warm_start_storage or storage)
     total = 0 if join or plan else search_space.study.n_trials
-    with _optuna_quiet(), StudyProgress(search_space, total=total, quiet=not progress) as display:
+    quiet = _optuna_quiet()
+    with interrupts.handled(), quiet, StudyProgress(search_space, total=total, quiet=not progress) as display:
         return run_optimize(
             search_space,
             storage_url=storage_url,

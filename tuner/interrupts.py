@@ -96,6 +96,22 @@ def install() -> None:
 
 
 @contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """Within: Ctrl-C handled as :func:`install` does; after, the process's own handler again (a notebook's
+    kernel, a user's script calling the Python API)."""
+    global _requested
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _requested = False
+    before = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+@contextlib.contextmanager
 def preemptible() -> Iterator[None]:
     """Within: SIGTERM and SIGUSR1 are recorded, to be acted on at the next batch (see :func:`preempted`).
     Outside, they keep their default (end the process at once): a command that never looks at the
