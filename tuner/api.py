@@ -113,8 +113,8 @@ def optimize(
     storage_url = storage or default_storage(search_space.study.name)
     donor = None if warm_start is None else load_existing_study(warm_start, warm_start_storage or storage)
     total = 0 if join or plan else search_space.study.n_trials
-    quiet = _optuna_quiet()
-    with interrupts.handled(), quiet, StudyProgress(search_space, total=total, quiet=not progress) as display:
+    optuna_quiet = _optuna_quiet()
+    with interrupts.handled(), optuna_quiet, StudyProgress(search_space, total=total, quiet=not progress) as display:
         return run_optimize(
             search_space,
             storage_url=storage_url,
