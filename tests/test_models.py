@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 import timm
@@ -268,7 +270,8 @@ class _Hub:
 
 def test_pretrained_true_downloads_into_the_hub_cache_once_and_offline_uses_the_cache(workdir, tmp_path):
     """`pretrained: true` online: downloaded from the hub (here HF_ENDPOINT, a server on loopback) into the
-    Hugging Face cache on first use, then reused; offline (HF_HUB_OFFLINE=1) with an empty cache: a clear error."""
+    Hugging Face cache on first use, then reused offline (HF_HUB_OFFLINE=1); offline, weights never fetched
+    are a clear error."""
     import os
     import subprocess
     import sys
@@ -288,17 +291,15 @@ def test_pretrained_true_downloads_into_the_hub_cache_once_and_offline_uses_the_
     }
     env.pop("HF_HUB_OFFLINE", None)
 
-    def optimize(study: str, extra_env: dict | None = None) -> subprocess.CompletedProcess:
-        space = tiny_space(
-            study={"name": study, "n_trials": 1, "artifacts": False},
-            train={"max_epochs": 1},
-            params={"model": "test_resnet", "pretrained": True, "batch_size": 32, "lr": 1e-3},
+    def space(study: str, model: str = "test_resnet") -> Path:
+        params = {"model": model, "pretrained": True, "batch_size": 32, "lr": 1e-3}
+        content = tiny_space(
+            study={"name": study, "n_trials": 1, "artifacts": False}, train={"max_epochs": 1}, params=params
         )
-        path = write_space(workdir / f"{study}.yaml", space)
-        cmd = [sys.executable, "-m", "tuner", "optimize", "--space", str(path), "-q"]
-        return subprocess.run(cmd, cwd=workdir, env={**env, **(extra_env or {})}, capture_output=True, text=True)
+        return write_space(workdir / f"{study}.yaml", content)
 
-    first = optimize("online")
+    cmd = [sys.executable, "-m", "tuner", "optimize", "--space", str(space("online")), "-q"]
+    first = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     assert hub.downloads == [f"/{repo}/resolve/main/model.safetensors"]
     cached = try_to_load_from_cache(repo, "model.safetensors", cache_dir=str(tmp_path / "hf"))
@@ -307,13 +308,24 @@ def test_pretrained_true_downloads_into_the_hub_cache_once_and_offline_uses_the_
 
     for key, value in load_file(cached).items():
         torch.testing.assert_close(value, served[key])
-    # The second study finds the weights in the cache: nothing is downloaded again, even offline.
-    second = optimize("again", {"HF_HUB_OFFLINE": "1"})
-    assert second.returncode == 0, second.stderr
-    assert len(hub.downloads) == 1
-    # Offline with an empty cache: one clear line, exit 2, naming the file to fetch.
-    offline = optimize("offline", {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "empty")})
-    assert offline.returncode == 2
-    assert "this machine is offline (HF_HUB_OFFLINE is set)" in offline.stderr
-    assert f"{hub.url}/{repo}/resolve/main/model.safetensors" in " ".join(offline.stderr.split())
-    assert len(hub.downloads) == 1 and "Traceback" not in offline.stderr
+    # Offline, in one process (through the Python API): the cached weights load with nothing downloaded, and
+    # a model whose weights were never fetched is one clear error naming the file to fetch.
+    other = timm.models.get_pretrained_cfg("test_efficientnet").hf_hub_id
+    code = (
+        "import sys, tuner\n"
+        "tuner.optimize(sys.argv[1], progress=False)\n"
+        "try:\n    tuner.optimize(sys.argv[2], progress=False)\n"
+        "except tuner.TunerError as err:\n    print('error:', err)\n"
+    )
+    offline = subprocess.run(
+        [sys.executable, "-c", code, str(space("again")), str(space("offline", "test_efficientnet"))],
+        cwd=workdir,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert offline.returncode == 0, offline.stderr
+    said = " ".join(offline.stdout.split())
+    assert "error: " in said and "this machine is offline (HF_HUB_OFFLINE is set)" in said
+    assert f"{hub.url}/{other}/resolve/main/model.safetensors" in said
+    assert len(hub.downloads) == 1 and "Traceback" not in offline.stderr + offline.stdout
