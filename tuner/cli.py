@@ -203,7 +203,7 @@ def optimize(
     machine helps finish them. The total is exact: failed trials are replaced.
     """
     from tuner.api import optimize as run
-    from tuner.search import TrialBudget, default_storage, outage_summary, redact
+    from tuner.search import TrialBudget, outage_summary, redact
 
     _setup_logging(verbose, quiet)
     try:
@@ -245,7 +245,7 @@ def optimize(
         err.print("interrupted: the running trial was marked FAILED; run the same command again to resume")
         _exit_interrupted()
     name = result.study_name
-    storage_url = storage or default_storage(name)
+    storage_url = storage or _default_storage(name)
     if (line := outage_summary()) is not None:
         err.print(line, highlight=False, soft_wrap=True, markup=False)
     if plan:

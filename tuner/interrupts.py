@@ -99,16 +99,13 @@ def install() -> None:
 def handled() -> Iterator[None]:
     """Within: Ctrl-C handled as :func:`install` does; after, the process's own handler again (a notebook's
     kernel, a user's script calling the Python API)."""
-    global _requested
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    _requested = False
-    before = signal.signal(signal.SIGINT, _on_sigint)
+    before = signal.getsignal(signal.SIGINT)
+    install()
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, before)
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ based exporter) with a dynamic batch axis; ONNX Runtime's probabilities equal ``
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -18,8 +17,6 @@ from torch import nn
 
 from tuner.errors import TunerError
 from tuner.train import TTA_VIEWS, SavedModel, logits_to_probs
-
-log = logging.getLogger(__name__)
 
 OPSET = 18
 INPUT, OUTPUT = "images", "probabilities"

@@ -9,14 +9,10 @@ the refit's report (``report.json``), none is typed here, so the card cannot dis
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
+from tuner.final.report import markdown_number
 from tuner.final.results import Estimate, RefitReport
 from tuner.metric_names import REPORT_ORDER
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _ci(e: Estimate) -> str:
@@ -50,7 +46,7 @@ def model_card(report: RefitReport) -> str:
         "## Model",
         "",
         f"- architecture: {r.hparams.get('model')}" + (", ImageNet-pretrained" if r.hparams.get("pretrained") else ""),
-        f"- chosen trial: {r.trial} ({r.metric} {_number(r.validation_value)} on validation)",
+        f"- chosen trial: {r.trial} ({r.metric} {markdown_number(r.validation_value)} on validation)",
         f"- epochs: {r.epochs} ({r.epochs_rule})",
         f"- seeds: {', '.join(map(str, r.seeds))}; folds per seed: {r.folds or 'none (all of train+val)'}; "
         f"test-time augmentation: {r.tta}",
@@ -59,10 +55,10 @@ def model_card(report: RefitReport) -> str:
         "| hyperparameter | value |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {_number(value)} |" for name, value in r.params.items()]
+    lines += [f"| {name} | {markdown_number(value)} |" for name, value in r.params.items()]
     lines += ["", "## Operating point", ""]
     lines.append(
-        f"Threshold {_number(r.threshold)} on the probability of {r.positive_class} ({r.threshold_rule})."
+        f"Threshold {markdown_number(r.threshold)} on the probability of {r.positive_class} ({r.threshold_rule})."
         if r.threshold is not None
         else "The class of highest probability."
     )

@@ -15,7 +15,8 @@ from tuner.metric_names import REPORT_ORDER
 from tuner.search import StudyKey, TrialKey, feasibility, feasible, ranked_trials
 
 
-def _fmt(value: Any) -> str:
+def markdown_number(value: Any) -> str:
+    """A figure as the Markdown reports print it (four decimals)."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -26,7 +27,7 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
     lines = [f"# {title}", ""]
     for key in ("study", "trial", "data", "seeds", "epochs", "threshold", "positive_class", "n_test"):
         if key in report:
-            lines.append(f"- {key.replace('_', ' ')}: {_fmt(report[key])}")
+            lines.append(f"- {key.replace('_', ' ')}: {markdown_number(report[key])}")
     summary = report.get("summary")
     if summary:
         lines += ["", "| metric | mean | sd | 95% CI |", "|---|---|---|---|"]
@@ -40,7 +41,7 @@ def write_report(out_dir: Path, report: Mapping[str, Any], *, title: str) -> tup
         lines += [
             "",
             f"Final model ({report['final']['networks']} networks averaged, saved as model.pt, TTA "
-            f"{report.get('tta', 'none')}, threshold {_fmt(report['final']['threshold'])}):",
+            f"{report.get('tta', 'none')}, threshold {markdown_number(report['final']['threshold'])}):",
             "",
         ]
         lines += ["| metric | value | 95% CI |", "|---|---|---|"]
@@ -129,9 +130,9 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     ]
     lines += [f"| # | {metric} | best epoch | params |", "|---|---|---|---|"]
     for t in summary["top_trials"]:
-        params = ", ".join(f"{k}={_fmt(v)}" for k, v in t["params"].items())
+        params = ", ".join(f"{k}={markdown_number(v)}" for k, v in t["params"].items())
         mark = " (outside study.constraints)" if t["feasible"] is False else ""
-        lines.append(f"| {t['number']}{mark} | {_fmt(t['value'])} | {t['best_epoch']} | {params} |")
+        lines.append(f"| {t['number']}{mark} | {markdown_number(t['value'])} | {t['best_epoch']} | {params} |")
     if importances:
         lines += ["", "| parameter | importance |", "|---|---|"] + [
             f"| {k} | {v:.3f} |" for k, v in importances.items()
