@@ -135,6 +135,8 @@ def _check_card_against_report(folder: Path) -> None:
         assert f"| {split} | {' | '.join(map(str, counts))} |" in card
     assert sum(report["class_counts"]["test"]) == report["n_test"]
     assert f"Threshold {report['threshold']:.4f} on the probability of malignant" in card
+    for name, value in report["params"].items():  # significant digits: a small learning rate is not 0.0000
+        assert f"| {name} | {value:.4g} |" in card
     for name, e in report["final_summary"].items():
         ci = "" if e["ci_low"] is None else f"{e['ci_low']:.4f} – {e['ci_high']:.4f}"
         assert f"| {name} | {e['mean']:.4f} | {ci} |" in card, name

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuner.final.report import markdown_number
+from tuner.final.report import markdown_number, markdown_param
 from tuner.final.results import Estimate, RefitReport
 from tuner.metric_names import REPORT_ORDER
 
@@ -55,7 +55,7 @@ def model_card(report: RefitReport) -> str:
         "| hyperparameter | value |",
         "|---|---|",
     ]
-    lines += [f"| {name} | {markdown_number(value)} |" for name, value in r.params.items()]
+    lines += [f"| {name} | {markdown_param(value)} |" for name, value in r.params.items()]
     lines += ["", "## Operating point", ""]
     lines.append(
         f"Threshold {markdown_number(r.threshold)} on the probability of {r.positive_class} ({r.threshold_rule})."

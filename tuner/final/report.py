@@ -15,6 +15,12 @@ from tuner.metric_names import REPORT_ORDER
 from tuner.search import StudyKey, TrialKey, feasibility, feasible, ranked_trials
 
 
+def markdown_param(value: Any) -> str:
+    """A hyperparameter as the Markdown reports print it: four significant digits (a learning rate of 3e-05
+    must not read 0.0000)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def markdown_number(value: Any) -> str:
     """A figure as the Markdown reports print it (four decimals)."""
     return f"{value:.4f}" if isinstance(value, float) else str(value)
@@ -130,7 +136,7 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
     ]
     lines += [f"| # | {metric} | best epoch | params |", "|---|---|---|---|"]
     for t in summary["top_trials"]:
-        params = ", ".join(f"{k}={markdown_number(v)}" for k, v in t["params"].items())
+        params = ", ".join(f"{k}={markdown_param(v)}" for k, v in t["params"].items())
         mark = " (outside study.constraints)" if t["feasible"] is False else ""
         lines.append(f"| {t['number']}{mark} | {markdown_number(t['value'])} | {t['best_epoch']} | {params} |")
     if importances:
