@@ -164,9 +164,25 @@ def test_bootstrap_ci_of_auroc_matches_its_known_standard_error():
     assert auc == pytest.approx(norm.cdf(1 / np.sqrt(2)), abs=0.04)  # the population AUROC, 0.760
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     se = np.sqrt((auc * (1 - auc) + (n - 1) * (q1 - auc**2) + (n - 1) * (q2 - auc**2)) / (n * n))
-    low, high = bootstrap_ci([probs], target, metric_fn=classification_metrics, bootstrap=400)["auroc"]
+    low, high = bootstrap_ci([probs], target, positive_index=1, thresholds=0.5, bootstrap=400)["auroc"]
     assert low < auc < high
     assert (high - low) / 2 == pytest.approx(1.96 * se, rel=0.2), (low, high, se)
+
+
+def test_bootstrap_of_all_resamples_at_once_gives_the_one_by_one_intervals():
+    """Binary, ungrouped: every resample in one batched call. One image per group draws the same resamples
+    and takes the one-by-one path: the intervals agree, for two seeds at their own thresholds."""
+    from tuner.final.evaluation import bootstrap_ci
+
+    rng = np.random.default_rng(2)
+    target = torch.from_numpy((rng.random(80) < 0.3).astype(np.int64))
+    seeds = [_binary_probs(np.clip(0.3 * target.numpy() + rng.random(80) * 0.7, 0, 1)) for _ in range(2)]
+    kw = {"positive_index": 1, "thresholds": [0.4, 0.55], "bootstrap": 200}
+    batched = bootstrap_ci(seeds, target, **kw)
+    one_by_one = bootstrap_ci(seeds, target, groups=np.arange(80), **kw)
+    assert batched.keys() == one_by_one.keys() and len(batched) == 8
+    for name, (low, high) in batched.items():
+        assert low < high and (low, high) == pytest.approx(one_by_one[name], abs=1e-6), name
 
 
 def test_grouped_bootstrap_resamples_whole_patients():
@@ -174,16 +190,15 @@ def test_grouped_bootstrap_resamples_whole_patients():
     evidence and narrows the interval by about sqrt(4); resampling patients (groups) gives the width of
     120 independent images."""
     from tuner.final.evaluation import bootstrap_ci
-    from tuner.train.metrics import classification_metrics
 
     rng = np.random.default_rng(1)
     n = 120
     raw = np.concatenate([rng.normal(1, 1, n // 2), rng.normal(0, 1, n // 2)])
     labels = np.array([1] * (n // 2) + [0] * (n // 2))
-    one = bootstrap_ci([_binary_probs(raw)], torch.tensor(labels), metric_fn=classification_metrics, bootstrap=400)
+    one = bootstrap_ci([_binary_probs(raw)], torch.tensor(labels), positive_index=1, thresholds=0.5, bootstrap=400)
     copies = np.repeat(raw, 4), torch.tensor(np.repeat(labels, 4))
     groups = np.repeat(np.arange(n), 4)
-    kw = {"metric_fn": classification_metrics, "bootstrap": 400}
+    kw = {"positive_index": 1, "thresholds": 0.5, "bootstrap": 400}
     by_image = bootstrap_ci([_binary_probs(copies[0])], copies[1], **kw)
     by_patient = bootstrap_ci([_binary_probs(copies[0])], copies[1], groups=groups, **kw)
     width = {

@@ -215,7 +215,14 @@ def run_ensemble(
         assert dataset.test is not None
         metric_fn = test_metric_fn(dataset.class_names, dataset.positive_index, thr)
         metrics = metric_fn(probs, test_target)
-        ci = bootstrap_ci([probs], test_target, metric_fn=metric_fn, groups=dataset.test.groups, bootstrap=bootstrap)
+        ci = bootstrap_ci(
+            [probs],
+            test_target,
+            positive_index=dataset.positive_index,
+            thresholds=thr,
+            groups=dataset.test.groups,
+            bootstrap=bootstrap,
+        )
         return EnsembleRow(name=name, threshold=thr, summary=summarize([metrics], ci), metrics=metrics, **extra)
 
     rows = [

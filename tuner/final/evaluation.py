@@ -26,6 +26,8 @@ from tuner.search import STUDIES_DIR, DataSettings, SearchSpace, StudyKey, prepa
 from tuner.train import (
     SavedModel,
     average_probabilities,
+    binary_metrics,
+    classification_metrics,
     evaluation_report,
     load_model,
     plot_confusion,
@@ -62,28 +64,45 @@ def bootstrap_ci(
     probs_per_seed: list[torch.Tensor],
     target: torch.Tensor,
     *,
-    metric_fn: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] | Sequence[Callable],
+    positive_index: int | None,
+    thresholds: float | None | Sequence[float | None],
     groups: np.ndarray | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, tuple[float, float]]:
-    """Percentile 95% CIs of the seed-averaged metrics, resampling test items (whole groups when given).
-    ``metric_fn``: one for all seeds, or one per seed (each at its own threshold)."""
+    """Percentile 95% CIs of the seed-averaged headline metrics, resampling test items (whole groups when
+    given). ``thresholds``: one for all seeds, or one per seed (each at its own; None is 0.5). A resample's
+    metrics are :func:`classification_metrics`' (the report's other figures have no CI); binary ones of
+    ungrouped items are computed for all resamples at once (:func:`binary_metrics`), with the same values."""
+    if not isinstance(thresholds, Sequence):
+        thresholds = [thresholds] * len(probs_per_seed)
+    levels = [0.5 if t is None else t for t in thresholds]
     rng = np.random.default_rng(seed)
-    fns = list(metric_fn) if isinstance(metric_fn, Sequence) else [metric_fn] * len(probs_per_seed)
     if groups is None:
         units = [np.array([i]) for i in range(len(target))]
     else:
         units = [np.flatnonzero(groups == g) for g in dict.fromkeys(groups.tolist())]
-    values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    resamples = [np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))]) for _ in range(bootstrap)]
     target_np = target.numpy()
-    for _ in range(bootstrap):
-        idx = torch.from_numpy(np.concatenate([units[i] for i in rng.integers(0, len(units), len(units))]))
-        if len(np.unique(target_np[idx.numpy()])) < 2:
-            continue  # a resample with one class has no AUROC
-        per_seed = [fn(p[idx], target[idx]) for fn, p in zip(fns, probs_per_seed, strict=True)]
+    resamples = [r for r in resamples if len(np.unique(target_np[r])) > 1]  # one class: no AUROC
+    values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    if resamples and probs_per_seed[0].shape[1] == 2 and groups is None:
+        # Every resample has the test set's length: all of them in one call per seed.
+        pos = 1 if positive_index is None else positive_index
+        idx = torch.from_numpy(np.stack(resamples))
+        is_pos = (target[idx] == pos).long()
+        per_seed = [binary_metrics(p[:, pos][idx], is_pos, t) for p, t in zip(probs_per_seed, levels, strict=True)]
         for name in METRIC_NAMES:
-            values[name].append(float(np.mean([m[name] for m in per_seed])))
+            values[name] = torch.stack([m[name] for m in per_seed]).mean(0).tolist()
+    else:
+        for r in resamples:
+            idx = torch.from_numpy(r)
+            per_seed = [
+                classification_metrics(p[idx], target[idx], positive_index=positive_index, threshold=t)
+                for p, t in zip(probs_per_seed, levels, strict=True)
+            ]
+            for name in METRIC_NAMES:
+                values[name].append(float(np.mean([m[name] for m in per_seed])))
     out = {}
     for name, vals in values.items():
         finite = [v for v in vals if math.isfinite(v)]
@@ -197,7 +216,14 @@ def evaluate(
     threshold = saved.threshold if saved.threshold is not None else 0.5
     metric_fn = test_metric_fn(saved.class_names, saved.positive_index, threshold)
     metrics = metric_fn(probs, target)
-    ci = bootstrap_ci([probs], target, metric_fn=metric_fn, groups=split.groups, bootstrap=bootstrap)
+    ci = bootstrap_ci(
+        [probs],
+        target,
+        positive_index=saved.positive_index,
+        thresholds=threshold,
+        groups=split.groups,
+        bootstrap=bootstrap,
+    )
     out_dir = out_dir or model_path.parent / "evaluate"
     prepare_out_dir(out_dir, force)
     report = EvaluationReport(

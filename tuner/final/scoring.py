@@ -77,7 +77,14 @@ def score_runs(
         for seed, t, fn, run in zip(seed_list, thresholds, metric_fns, runs, strict=True)
     ]
     groups = dataset.test.groups
-    ci = bootstrap_ci([r.test_probs for r in runs], target, metric_fn=metric_fns, groups=groups, bootstrap=bootstrap)
+    ci = bootstrap_ci(
+        [r.test_probs for r in runs],
+        target,
+        positive_index=positive,
+        thresholds=thresholds,
+        groups=groups,
+        bootstrap=bootstrap,
+    )
     oofs = [r.oof_probs for r in runs if r.oof_probs is not None]
     final_threshold = chosen_threshold(torch.stack(oofs).mean(0) if oofs else None)
     final_fn = test_metric_fn(dataset.class_names, positive, final_threshold)
@@ -88,7 +95,15 @@ def score_runs(
         **final_fn(final_probs, target),
     }
     final_summary = summarize(
-        [final], bootstrap_ci([final_probs], target, metric_fn=final_fn, groups=groups, bootstrap=bootstrap)
+        [final],
+        bootstrap_ci(
+            [final_probs],
+            target,
+            positive_index=positive,
+            thresholds=final_threshold,
+            groups=groups,
+            bootstrap=bootstrap,
+        ),
     )
     single = None
     if with_single:

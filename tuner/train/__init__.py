@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.train.inference import TTA_VIEWS, average_probabilities
     from tuner.train.loop import FitResult, Interrupted, NonFiniteLossError, fit, predict, resolve_device
     from tuner.train.losses import logits_to_probs
-    from tuner.train.metrics import choose_threshold, classification_metrics, evaluation_report
+    from tuner.train.metrics import binary_metrics, choose_threshold, classification_metrics, evaluation_report
     from tuner.train.models import Classifier, build_model, check_model_name
     from tuner.train.plots import per_class_csv, plot_confusion, plot_history, plot_roc_pr, save_figure
     from tuner.train.run import OutOfMemory, free_memory, train_model

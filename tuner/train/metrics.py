@@ -16,19 +16,29 @@ from torchmetrics.functional import classification as tmf
 from tuner.metric_names import FOCUS_NAMES
 
 
-def _binary(probs: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
-    recall = tmf.binary_recall(probs, target, threshold=threshold)
-    specificity = tmf.binary_specificity(probs, target, threshold=threshold)
-    return {
-        "accuracy": tmf.binary_accuracy(probs, target, threshold=threshold),
+def binary_metrics(scores: torch.Tensor, target: torch.Tensor, threshold: float) -> dict[str, torch.Tensor]:
+    """The binary metrics of the positive class's ``scores`` against 0/1 ``target``: of N items, or of each
+    row of B×N (B bootstrap resamples in one call: the thresholded metrics per row through torchmetrics'
+    ``samplewise`` reduction, the ranking metrics row by row)."""
+    rows = scores.dim() == 2
+    s, t = (scores, target) if rows else (scores[None], target[None])
+    each: dict[str, Any] = {"threshold": threshold, "multidim_average": "samplewise", "validate_args": False}
+    recall = tmf.binary_recall(s, t, **each)
+    specificity = tmf.binary_specificity(s, t, **each)
+    out = {
+        "accuracy": tmf.binary_accuracy(s, t, **each),
         "balanced_accuracy": (recall + specificity) / 2,
-        "precision": tmf.binary_precision(probs, target, threshold=threshold),
+        "precision": tmf.binary_precision(s, t, **each),
         "recall": recall,
         "specificity": specificity,
-        "f1": tmf.binary_f1_score(probs, target, threshold=threshold),
-        "auroc": tmf.binary_auroc(probs, target),
-        "auprc": tmf.binary_average_precision(probs, target),
+        "f1": tmf.binary_f1_score(s, t, **each),
+        "auroc": torch.stack([tmf.binary_auroc(a, b, validate_args=False) for a, b in zip(s, t, strict=True)]),
+        "auprc": torch.stack(
+            [tmf.binary_average_precision(a, b, validate_args=False) for a, b in zip(s, t, strict=True)]
+        ),
     }
+    out = {name: value.reshape(len(s)) for name, value in out.items()}  # torchmetrics squeezes a single row
+    return out if rows else {name: value[0] for name, value in out.items()}
 
 
 def _multiclass(probs: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -70,7 +80,7 @@ def classification_metrics(
     target = target.detach().long().cpu()
     if probs.shape[1] == 2:
         pos = 1 if positive_index is None else positive_index
-        values = _binary(probs[:, pos], (target == pos).long(), threshold)
+        values = binary_metrics(probs[:, pos], (target == pos).long(), threshold)
         focus = {name: values[name.removeprefix("focus_")] for name in FOCUS_NAMES}
     else:
         values = _multiclass(probs, target)
