@@ -123,6 +123,39 @@ def test_the_example_script_runs_as_the_readme_says(workdir, capsys):
     assert len(optuna.load_study(study_name="api_example", storage="sqlite:///studies/api_example.db").trials) == 3
 
 
+def test_the_quickstart_notebook_runs_with_small_budgets(workdir):
+    """examples/quickstart.ipynb as committed (no outputs), executed by a Jupyter kernel with its tagged
+    parameters cell replaced by small budgets: any error in any cell fails here."""
+    import nbformat
+    import yaml
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "committed without outputs"
+    [parameters] = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert 'space = "../search_spaces/quickstart.yaml"' in parameters.source
+    space = yaml.safe_load((ROOT / "search_spaces" / "quickstart.yaml").read_text())
+    space["data"].update(image_size=32, synthetic={"n_images": 600})
+    (workdir / "small.yaml").write_text(yaml.safe_dump(space))
+    parameters.source = 'space = "small.yaml"\nn_trials = 3\nmax_epochs = 2\nseeds = 1'
+
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(workdir)}}
+    ).execute()
+
+    outputs = [[o for o in cell.outputs if o.output_type != "stream" or o.name == "stdout"] for cell in code]
+    warnings = [o.text for cell in code for o in cell.outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not [w for w in warnings if "Warning" in w], warnings
+    data = [{key for o in cell_outputs for key in o.get("data", {})} for cell_outputs in outputs]
+    assert "text/html" in data[code.index(parameters) + 2], "the trials as a DataFrame"
+    assert sum("image/png" in kinds for kinds in data) == 6, (
+        "three Optuna plots, the confusion matrix, the gallery, the maps"
+    )
+    assert (workdir / "studies" / "quickstart" / "refit" / "model.pt").is_file()
+    assert len(optuna.load_study(study_name="quickstart", storage="sqlite:///studies/quickstart.db").trials) == 3
+
+
 def _check_card_against_report(folder: Path) -> None:
     """MODEL_CARD.md says what report.json holds: each figure as the report has it."""
     card = (folder / "MODEL_CARD.md").read_text()

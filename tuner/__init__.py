@@ -30,3 +30,4 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports; "as" marks each as e
     from tuner.errors import SpaceError as SpaceError
     from tuner.errors import StorageError as StorageError
     from tuner.errors import TunerError as TunerError
+    from tuner.final.explain import Explanation as Explanation

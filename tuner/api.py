@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     import optuna
     from PIL.Image import Image
 
+    from tuner.final.explain import Explanation
     from tuner.final.results import EvaluationReport, RefitReport
     from tuner.search.space import SearchSpace
     from tuner.train.checkpoint import SavedModel
@@ -291,6 +292,18 @@ class FinalModel:
         if path.suffix != ".onnx":
             raise TunerError(f"the export's file name must end in .onnx, but got {path}")
         return export_onnx(self.saved, path)
+
+    def explain(
+        self, images: ImagesLike, *, target: str | None = None, layer: str | None = None, batch_size: int = 32
+    ) -> Explanation:
+        """Grad-CAM maps of where the model finds evidence for each image's predicted class (or ``target``),
+        averaged over its networks and test-time views as the probabilities are. ``layer`` names the layer
+        (``model.saved.models[0].named_modules()``); by default a CNN's last feature map or a vision
+        transformer's last block. ``.save(out_dir)`` writes the overlays."""
+        from tuner.final import explain_model
+
+        pixels = as_model_input(images, self.saved.image_size, self.saved.channels)
+        return explain_model(self.saved, pixels, target=target, layer=layer, batch_size=batch_size)
 
     def evaluate(
         self,

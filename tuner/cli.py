@@ -715,6 +715,37 @@ def export(
 
 @app.command()
 @user_errors
+def explain(
+    images: Annotated[list[Path], typer.Argument(help="Image files.", exists=False)],
+    model: Annotated[Path, typer.Option("--model", help="A model.pt written by refit.", dir_okay=False)],
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the overlays, explanations.csv and maps.npz.")],
+    target: Annotated[
+        Optional[str], typer.Option("--class", help="Explain this class; default each image's predicted class.")
+    ] = None,
+    layer: Annotated[
+        Optional[str],
+        typer.Option(help="The layer to explain at; default a CNN's last feature map, a ViT's last block."),
+    ] = None,
+) -> None:
+    """Grad-CAM maps of where the model finds evidence, over each image (averaged over its networks and TTA)."""
+    from tuner.api import load_model
+
+    final = load_model(model)
+    explanation = final.explain(images, target=target, layer=layer)
+    names = [p.stem for p in images]
+    if len(set(names)) < len(names):  # the same file name in two folders
+        names = [f"{i:04d}_{name}" for i, name in enumerate(names)]
+    written = explanation.save(out_dir, names)
+    out.print(
+        f"{len(written)} Grad-CAM overlays in {out_dir} (layer {explanation.layer}; "
+        f"{len(final.saved.models)} network(s) × TTA {final.saved.tta} averaged)",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@user_errors
 def report(
     study: StudyOpt,
     storage: StorageOpt = None,

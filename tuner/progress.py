@@ -8,6 +8,7 @@ is never silent.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 from typing import Any
@@ -43,8 +44,18 @@ def bars(quiet: bool) -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=console,
-        disable=quiet or not (console.is_terminal or console.is_jupyter),
+        disable=quiet or not live_bars(),
     )
+
+
+def live_bars() -> bool:
+    """Whether bars can redraw in place: in a terminal, or in Jupyter with ipywidgets (without it rich would
+    print every frame as a new output, so a notebook gets the one-line-per-epoch fallback instead)."""
+    if console.is_terminal:
+        return True
+    if not console.is_jupyter:
+        return False
+    return importlib.util.find_spec("ipywidgets") is not None
 
 
 class StudyProgress:

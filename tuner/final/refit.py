@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import torch
 
+from tuner.data import Dataset
 from tuner.errors import TunerError
 from tuner.final.evaluation import (
     check_test_reuse,
@@ -25,6 +26,7 @@ from tuner.final.evaluation import (
     record_test_read,
     test_reads,
 )
+from tuner.final.explain import error_gallery
 from tuner.final.model_card import write_model_card
 from tuner.final.replay import SEED_STRIDE, pick_trial, replay_hparams, run_seed, save_refit_model, study_space
 from tuner.final.report import write_report
@@ -39,6 +41,7 @@ from tuner.search import (
 )
 from tuner.train import (
     TTA_VIEWS,
+    load_model,
     plot_confusion,
     plot_history,
     plot_roc_pr,
@@ -227,9 +230,20 @@ def run_refit(
         positive,
         final_threshold,
     )
+    _errors(out_dir, dataset, scores.final_probs, torch_device)
     write_report(out_dir, report.to_json(), title=f"Refit of trial {trial.number} of study {study.study_name}")
     write_model_card(out_dir, report)
     return report
+
+
+def _errors(out_dir: Path, dataset: Dataset, probs: torch.Tensor, device: torch.device) -> None:
+    """``errors.png``: the saved model's most confident test errors, with where it looked (Grad-CAM)."""
+    assert dataset.test is not None
+    saved = load_model(out_dir / "model.pt", device)
+    try:
+        error_gallery(saved, dataset.test.images, dataset.test.labels, probs, out_dir / "errors.png")
+    except TunerError as err:  # a network without feature maps (mlp): the refit stands without the gallery
+        log.info("no error gallery: %s", err)
 
 
 def _plots(out_dir, trial, metric, first, probs, target, class_names, positive, threshold) -> None:
