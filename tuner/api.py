@@ -99,6 +99,11 @@ def optimize(
     """Run (or resume) a study, as ``tuner optimize``: each call adds ``n_trials`` trials (``join``: none,
     help finish the study's remaining ones). Returns the Optuna study, stored in ``storage`` (default
     ``sqlite:///studies/<study>.db``). The arguments are ``optimize``'s flags (``tuner optimize --help``)."""
+    from tuner.search import start_worker_server
+
+    if (workers or 1) > 1 or gpus:
+        start_worker_server()  # its imports run while this process does its own and decodes the data
+
     from tuner.progress import StudyProgress
     from tuner.search import DEFAULT_PATIENCE, default_storage, load_existing_study, run_optimize
 

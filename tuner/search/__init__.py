@@ -41,3 +41,4 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.search.study import best_trial, best_value, feasibility, feasible, ranked_trials, trial_summary
     from tuner.search.supervisor import run_optimize
     from tuner.search.trial_data import TrialData, prepare, space_at_size
+    from tuner.search.worker_server import start_worker_server

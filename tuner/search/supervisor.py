@@ -34,6 +34,7 @@ from tuner.search.storage import STUDIES_DIR, open_storage, parse_storage_url, r
 from tuner.search.study import open_study
 from tuner.search.trial_data import prepare
 from tuner.search.warm_start import warm_start
+from tuner.search.worker_server import worker_context
 from tuner.search.workers import POLL_SECONDS, fail_trials_of_dead_workers, work
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ def _supervise(
     """Start ``n_workers`` worker processes and watch them until none is left: a worker that died is
     recovered (its trial failed and re-queued) and replaced while trials are left; finished trials and
     running epochs are reported from the storage."""
-    context = _worker_context()
+    context = worker_context()
     stops = context.SimpleQueue()  # why workers stopped on purpose: the run's error once all have ended
 
     def start(i: int, respawn: int) -> multiprocessing.process.BaseProcess:
@@ -189,17 +190,6 @@ def _supervise(
     if reasons:
         raise TunerError("\n".join(dict.fromkeys(reasons)))
     return study
-
-
-def _worker_context() -> Any:
-    """Workers are forked from a server process that imported torch and tuner once and nothing else, so
-    each starts in a fraction of a second instead of importing them again; the server never touches
-    CUDA, which cannot be forked once started. Where there is no fork server (Windows), spawn."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["tuner.search.workers"])
-    return context
 
 
 def _watch(
