@@ -91,9 +91,9 @@ def bootstrap_ci(
         pos = 1 if positive_index is None else positive_index
         idx = torch.from_numpy(np.stack(resamples))
         is_pos = (target[idx] == pos).long()
-        per_seed = [binary_metrics(p[:, pos][idx], is_pos, t) for p, t in zip(probs_per_seed, levels, strict=True)]
+        batched = [binary_metrics(p[:, pos][idx], is_pos, t) for p, t in zip(probs_per_seed, levels, strict=True)]
         for name in METRIC_NAMES:
-            values[name] = torch.stack([m[name] for m in per_seed]).mean(0).tolist()
+            values[name] = torch.stack([m[name] for m in batched]).mean(0).tolist()
     else:
         for r in resamples:
             idx = torch.from_numpy(r)
