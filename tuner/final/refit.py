@@ -41,7 +41,7 @@ from tuner.search import (
 )
 from tuner.train import (
     TTA_VIEWS,
-    load_model,
+    SavedModel,
     plot_confusion,
     plot_history,
     plot_roc_pr,
@@ -164,7 +164,7 @@ def run_refit(
         with_single=bool(folds) or tta != "none",
     )
     final_threshold = scores.final["threshold"]
-    save_refit_model(
+    saved = save_refit_model(
         out_dir / "model.pt",
         [m for r in runs for m in r.models],
         hparams,
@@ -230,16 +230,15 @@ def run_refit(
         positive,
         final_threshold,
     )
-    _errors(out_dir, dataset, scores.final_probs, torch_device)
+    _errors(out_dir, dataset, saved, scores.final_probs)
     write_report(out_dir, report.to_json(), title=f"Refit of trial {trial.number} of study {study.study_name}")
     write_model_card(out_dir, report)
     return report
 
 
-def _errors(out_dir: Path, dataset: Dataset, probs: torch.Tensor, device: torch.device) -> None:
-    """``errors.png``: the saved model's most confident test errors, with where it looked (Grad-CAM)."""
+def _errors(out_dir: Path, dataset: Dataset, saved: SavedModel, probs: torch.Tensor) -> None:
+    """``errors.png``: the final model's most confident test errors, with where it looked (Grad-CAM)."""
     assert dataset.test is not None
-    saved = load_model(out_dir / "model.pt", device)
     try:
         error_gallery(saved, dataset.test.images, dataset.test.labels, probs, out_dir / "errors.png")
     except TunerError as err:  # a network without feature maps (mlp): the refit stands without the gallery

@@ -39,6 +39,7 @@ from tuner.train import (
     Classifier,
     Hyperparameters,
     RunSettings,
+    SavedModel,
     average_probabilities,
     model_normalization,
     renamed,
@@ -139,9 +140,10 @@ def save_refit_model(
     seeds: list[int],
     provenance: dict,
     tta: str = "none",
-) -> None:
-    """A model that ``tuner evaluate`` / ``predict`` rebuild alone, with where it came from."""
-    save_model(
+) -> SavedModel:
+    """A model that ``tuner evaluate`` / ``predict`` rebuild alone, with where it came from; returned as
+    saved, holding ``models``."""
+    return save_model(
         path,
         models,
         tta=tta,

@@ -84,7 +84,9 @@ def save_model(
     positive_index: int | None,
     seed: int,
     provenance: dict,
-) -> Path:
+) -> SavedModel:
+    """Write ``models`` and what rebuilds them to ``path``; the same model as :func:`load_model` would read
+    back, holding the networks given (no second read of the file)."""
     payload = {
         "format": FORMAT,
         "state_dicts": [{k: v.detach().cpu() for k, v in model.state_dict().items()} for model in models],
@@ -105,7 +107,7 @@ def save_model(
         save_atomically(payload, path)
     except OSError as err:
         raise TunerError(f"cannot write the model file {path}: {err.strerror or err}") from None
-    return path
+    return _saved_model(models, payload)
 
 
 def versions() -> dict[str, str]:
@@ -157,12 +159,16 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> SavedModel:
         )
         model.load_state_dict(state)
         models.append(model.to(device).eval())
+    return _saved_model(models, payload)
+
+
+def _saved_model(models: Sequence[Classifier], payload: dict[str, Any]) -> SavedModel:
     norm = payload["normalize"]
     return SavedModel(
         models=tuple(models),
         tta=payload.get("tta", "none"),
-        hparams=hparams,
-        class_names=class_names,
+        hparams=Hyperparameters(**payload["hparams"]),
+        class_names=tuple(payload["class_names"]),
         image_size=payload["image_size"],
         channels=payload["channels"],
         normalize=Normalize(tuple(norm["mean"]), tuple(norm["std"])),
