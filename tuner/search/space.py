@@ -23,6 +23,7 @@ the dotted key path and what is allowed.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -335,8 +336,8 @@ class SearchSpace(_Frozen):
     train: TrainSettings = TrainSettings()
     params: dict[str, Any] = {}
 
-    @property
-    def specs(self) -> tuple[ParamSpec, ...]:
+    @functools.cached_property
+    def specs(self) -> tuple[ParamSpec, ...]:  # parsed once: every trial's suggest walks them
         return _parse_params(self.params, "params", [])
 
     def fingerprint(self) -> str:

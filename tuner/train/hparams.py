@@ -8,6 +8,7 @@ everything else keeps the default below.
 
 from __future__ import annotations
 
+import functools
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
@@ -134,6 +135,7 @@ def upgrade_stored(values: dict[str, Any]) -> dict[str, Any]:
 CLASS_VALUE: TypeAdapter[float] = TypeAdapter(ClassValue)
 
 
+@functools.cache  # building a TypeAdapter costs about a millisecond; every trial's suggest asks for several
 def field_adapter(name: str) -> TypeAdapter[Any]:
     """A validator for one hyperparameter alone, with the field's constraints."""
     field = Hyperparameters.model_fields[name]

@@ -1,0 +1,307 @@
+"""Replay searches from a learning-curve table: every sampler with every pruner, over many seeds.
+
+The table (``benchmarks/curves.py``) holds configurations drawn at random from a space, each with its
+validation curve to ``max_epochs``. A replayed search is a real Optuna study with the real sampler and
+pruner (built by tuner's own registries, from the space's settings): its objective draws a trial's
+parameters with tuner's own ``suggest``, looks up the table's configuration nearest to them (same
+choices first, then the closest numbers on each range's own scale, log or linear), and reports that
+curve epoch by epoch to the pruner, stopping early after ``patience`` epochs without improvement as
+tuner's training loop does. Nothing is trained, so a search costs what Optuna's bookkeeping costs.
+
+For each sampler x pruner it prints, over the seeds: the best validation value reached (median and
+quartiles) at fractions of the budget, the epochs the median search needs to reach random search
+without pruning's final median best, and how often the pruner stopped the best configuration the
+search had drawn (best when trained to the end). It draws best-value-against-epochs with quartile
+bands to ``docs/search/<table>.png``.
+
+    python benchmarks/search.py benchmarks/curves/breast.json
+    python benchmarks/search.py benchmarks/curves/*.json --seeds 30 --jobs 2
+
+The best value is the best trial's recorded validation value, as a study reports it: the more trials a
+search finishes, the more its maximum is lifted by validation noise (one training seed per
+configuration), which favours pruners that finish many trials a little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+
+import tuner
+from tuner.search.samplers import build_pruner, build_sampler
+from tuner.search.space import SearchSpace, suggest
+
+ROOT = Path(__file__).parents[1]
+SAMPLERS = ("random", "tpe", "gp", "cmaes")
+PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon")
+SLOW = ("gp", "wilcoxon")  # a GP fit per trial; a Wilcoxon test against the best trial per epoch
+FRACTIONS = (0.25, 0.5, 1.0)
+
+
+class Table:
+    """A learning-curve table, with its configurations as numbers for the nearest-neighbour lookup."""
+
+    def __init__(self, path: Path) -> None:
+        raw = json.loads(path.read_text())
+        self.name = path.stem
+        self.raw = raw
+        self.max_epochs: int = raw["max_epochs"]
+        self.patience: int | None = raw["patience"]
+        self.sign = 1.0 if raw["direction"] == "maximize" else -1.0
+        self.curves = [np.asarray(c["values"], dtype=float) for c in raw["configs"]]
+        self.distributions = {k: optuna.distributions.json_to_distribution(v) for k, v in raw["distributions"].items()}
+        self.names = sorted(self.distributions)
+        # One column per parameter: categoricals as the choice's index (compared for equality), numbers
+        # on [0, 1] of their range; a parameter a configuration does not have (conditional) is NaN.
+        self.matrix = np.array([[self._coord(k, c["params"].get(k)) for k in self.names] for c in raw["configs"]])
+        self.categorical = np.array(
+            [isinstance(self.distributions[k], optuna.distributions.CategoricalDistribution) for k in self.names]
+        )
+        self.full_value = np.array([self.sign * self.outcome(c)[0] for c in self.curves])  # trained to the end
+
+    def _coord(self, name: str, value: Any) -> float:
+        if value is None:
+            return math.nan
+        dist = self.distributions[name]
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            return float(dist.choices.index(value))
+        low, high, value = float(dist.low), float(dist.high), float(value)
+        if dist.log:
+            low, high, value = math.log(low), math.log(high), math.log(value)
+        return (value - low) / (high - low) if high > low else 0.0
+
+    def nearest(self, params: dict[str, Any]) -> int:
+        point = np.array([self._coord(k, params.get(k)) for k in self.names])
+        missing = np.isnan(self.matrix) != np.isnan(point)
+        both = ~np.isnan(self.matrix) & ~np.isnan(point)
+        diff = np.where(both, np.abs(self.matrix - point), 0.0)
+        # a different choice outweighs any distance on the ranges
+        mismatch = (self.categorical & both & (diff > 0)) | missing
+        numeric = np.where(self.categorical, 0.0, diff)
+        score = mismatch.sum(axis=1) * 100.0 + numeric.sum(axis=1)
+        return int(np.argmin(score))
+
+    def outcome(self, curve: np.ndarray) -> tuple[float, int]:
+        """The value at the best epoch and the epochs run, with the loop's early stopping applied."""
+        best, best_epoch, since = -math.inf, 0, 0
+        for epoch, value in enumerate(curve, 1):
+            if self.sign * value > best:
+                best, best_epoch, since = self.sign * value, epoch, 0
+            else:
+                since += 1
+            if self.patience is not None and since >= self.patience:
+                return float(curve[best_epoch - 1]), epoch
+        return (float(curve[best_epoch - 1]) if best_epoch else math.nan), len(curve)
+
+
+@dataclass
+class Trace:
+    sampler: str
+    pruner: str
+    seed: int
+    epochs: list[int]  # epochs consumed after each trial
+    best: list[float]  # the best finished trial's value after each trial
+    pruned_the_best: bool  # the best configuration drawn (trained to the end) was pruned
+    trials: int
+    seconds: float
+
+
+def space_for(table: Table) -> SearchSpace:
+    return tuner.load_space(ROOT / table.raw["space"], require_data=False)
+
+
+def make_pruner(space: SearchSpace, name: str, max_epochs: int) -> Any:
+    own = space.study.pruner
+    if name == own.name:
+        return build_pruner(own, max_epochs)
+    settings: dict[str, Any] = {"name": name}
+    if name == "percentile" and own.name == "median":  # the same patience before it judges, a stricter cut
+        settings |= {"n_startup_trials": own.n_startup_trials, "n_warmup_steps": own.n_warmup_steps}
+    patched = tuner.load_space(space, set={"study.pruner": settings}, require_data=False)
+    return build_pruner(patched.study.pruner, max_epochs)
+
+
+def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> Trace:
+    space = space_for(table)
+    settings = space.study.sampler.model_copy(update={"name": sampler, "seed": seed})
+    study = optuna.create_study(
+        direction=table.raw["direction"],
+        sampler=build_sampler(settings),
+        pruner=make_pruner(space, pruner, table.max_epochs),
+    )
+    consumed = 0
+    epochs: list[int] = []
+    best: list[float] = []
+    drawn: dict[int, bool] = {}  # configuration -> pruned
+    start = time.perf_counter()
+
+    def objective(trial: optuna.Trial) -> float:
+        nonlocal consumed
+        suggest(trial, space)
+        index = table.nearest(trial.params)
+        curve = table.curves[index]
+        value, run = table.outcome(curve)
+        drawn.setdefault(index, False)
+        for epoch, v in enumerate(curve[:run], 1):
+            consumed += 1
+            trial.report(float(v), epoch)
+            if trial.should_prune():
+                drawn[index] = True
+                raise optuna.TrialPruned()
+        if len(curve) < table.max_epochs and run == len(curve):  # it stopped in training (diverged)
+            raise optuna.TrialPruned()
+        return value
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        epochs.append(consumed)
+        finished = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
+        best.append(table.sign * max(table.sign * v for v in finished) if finished else math.nan)
+        if consumed >= budget:
+            study.stop()
+
+    study.optimize(objective, n_trials=100_000, callbacks=[after])
+    top = max(drawn, key=lambda i: table.full_value[i])
+    return Trace(sampler, pruner, seed, epochs, best, drawn[top], len(study.trials), time.perf_counter() - start)
+
+
+def best_at(trace: Trace, grid: np.ndarray, sign: float) -> np.ndarray:
+    """The best value reached by each number of epochs consumed (NaN before the first finished trial)."""
+    at = np.searchsorted(np.asarray(trace.epochs), grid, side="right") - 1
+    values = np.asarray(trace.best, dtype=float)
+    return np.where(at >= 0, values[np.clip(at, 0, None)], np.nan)
+
+
+def _run(args: tuple[Path, str, str, int, int]) -> Trace:
+    path, sampler, pruner, seed, budget = args
+    warnings.simplefilter("ignore")  # CMA-ES on categoricals, experimental samplers and pruners
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return replay(Table(path), sampler, pruner, seed, budget)
+
+
+def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> str:
+    space = space_for(table)
+    default = (space.study.sampler.name, space.study.pruner.name)
+    grid = np.arange(1, budget + 1)
+    curves: dict[tuple[str, str], np.ndarray] = {}
+    pruned: dict[tuple[str, str], float] = {}
+    for key in {(t.sampler, t.pruner) for t in traces}:
+        mine = [t for t in traces if (t.sampler, t.pruner) == key]
+        curves[key] = np.stack([best_at(t, grid, table.sign) for t in mine])
+        pruned[key] = float(np.mean([t.pruned_the_best for t in mine]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished
+        median = {k: np.nanmedian(v, axis=0) for k, v in curves.items()}
+    target = median[("random", "none")][-1]
+    order = sorted(curves, key=lambda k: (SAMPLERS.index(k[0]), PRUNERS.index(k[1])))
+    finals = {k: table.sign * median[k][-1] for k in order}
+    lines = [
+        f"### {table.name}: {len(table.curves)} configurations of `{table.raw['space']}`, "
+        f"{table.raw['metric']}, budget {budget} epochs",
+        "",
+        "| sampler | pruner | "
+        + " | ".join(f"best at {f:.0%}" for f in FRACTIONS)
+        + " | epochs to random's final median | best config pruned | trials | seeds |",
+        "|---|---|" + "---|" * (len(FRACTIONS) + 4),
+    ]
+    for key in order:
+        cells = []
+        for f in FRACTIONS:
+            column = curves[key][:, int(f * budget) - 1]
+            q1, q2, q3 = np.nanpercentile(column, [25, 50, 75])
+            cells.append(f"{q2:.4f} [{q1:.4f}, {q3:.4f}]")
+        reached = np.nonzero(table.sign * median[key] >= table.sign * target)[0]
+        epochs = f"{grid[reached[0]]}" if len(reached) else f"> {budget}"
+        trials = np.median([t.trials for t in traces if (t.sampler, t.pruner) == key])
+        mark = " (default)" if key == default else ""
+        lines.append(
+            f"| {key[0]}{mark} | {key[1]} | "
+            + " | ".join(cells)
+            + f" | {epochs} | {pruned[key]:.0%} | {trials:.0f} | {len(curves[key])} |"
+        )
+    ranked = sorted(order, key=lambda k: -finals[k])
+    lines += [
+        "",
+        f"Median best at the full budget, ranked: default {default[0]} + {default[1]} is "
+        f"{ranked.index(default) + 1} of {len(ranked)}; first {ranked[0][0]} + {ranked[0][1]}.",
+    ]
+    _plot(table, curves, order, default, grid, out_dir / f"{table.name}.png")
+    return "\n".join(lines)
+
+
+def _plot(table, curves, order, default, grid, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samplers = [s for s in SAMPLERS if any(k[0] == s for k in order)]
+    fig, axes = plt.subplots(1, len(samplers), figsize=(4.2 * len(samplers), 3.6), sharey=True, squeeze=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for ax, sampler in zip(axes[0], samplers, strict=True):
+            for key in [k for k in order if k[0] == sampler]:
+                q1, q2, q3 = np.nanpercentile(curves[key], [25, 50, 75], axis=0)
+                (line,) = ax.plot(grid, q2, label=key[1], lw=2.2 if key == default else 1.2)
+                ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.12)
+            ax.set_title(sampler)
+            ax.set_xlabel("epochs consumed")
+            ax.grid(alpha=0.3)
+    low = np.nanpercentile(np.concatenate([c[:, len(grid) // 10 :] for c in curves.values()]), 5)
+    axes[0][0].set_ylim(bottom=low)
+    axes[0][0].set_ylabel(f"best {table.raw['metric']} (median, quartiles)")
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{table.name}: replayed searches ({len(table.curves)} recorded configurations)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tables", nargs="+", type=Path)
+    parser.add_argument("--seeds", type=int, default=30)
+    parser.add_argument(
+        "--slow-seeds",
+        type=int,
+        default=10,
+        help="seeds for the gp sampler and the wilcoxon pruner, whose own costs are seconds per search",
+    )
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--pruners", default=",".join(PRUNERS))
+    parser.add_argument(
+        "--budget", type=int, default=None, help="epochs per search (default: 2 x n_trials x max_epochs)"
+    )
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "search")
+    args = parser.parse_args()
+    for path in args.tables:
+        table = Table(path)
+        space = space_for(table)
+        budget = args.budget or 2 * space.study.n_trials * table.max_epochs
+        tasks = [
+            (path, sampler, pruner, seed, budget)
+            for sampler in args.samplers.split(",")
+            for pruner in args.pruners.split(",")
+            for seed in range(args.slow_seeds if sampler in SLOW or pruner in SLOW else args.seeds)
+        ]
+        start = time.perf_counter()
+        with ProcessPoolExecutor(args.jobs) as pool:
+            traces = list(pool.map(_run, tasks, chunksize=4))
+        print(summarise(table, traces, budget, args.out))
+        slowest = max({t.sampler for t in traces}, key=lambda s: sum(t.seconds for t in traces if t.sampler == s))
+        print(f"\n{len(traces)} searches in {time.perf_counter() - start:.0f} s (slowest sampler: {slowest})\n")
+
+
+if __name__ == "__main__":
+    main()

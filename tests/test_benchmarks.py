@@ -1,0 +1,96 @@
+"""The replayed searches of ``benchmarks/search.py`` behave as tuner's own studies do.
+
+docs/search.md draws its conclusions about samplers, pruners and defaults from these replays, so the
+replay itself is checked: the table's lookup finds a recorded configuration from its own parameters,
+early stopping ends a curve where tuner's loop would, and a replayed study runs Optuna's real sampler
+and pruner over the committed table within its epoch budget.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+ROOT = Path(__file__).parents[1]
+TABLE = ROOT / "benchmarks" / "curves" / "breast.json"
+
+
+@pytest.fixture(scope="module")
+def search():
+    spec = importlib.util.spec_from_file_location("benchmark_search", ROOT / "benchmarks" / "search.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def table(search):
+    return search.Table(TABLE)
+
+
+def test_the_committed_table_has_whole_curves(table) -> None:
+    assert len(table.curves) >= 10
+    whole = [c for c in table.curves if len(c) == table.max_epochs]
+    assert len(whole) >= 0.9 * len(table.curves)  # only diverged configurations stop early
+    assert all(np.all((c >= 0) & (c <= 1)) for c in table.curves)
+
+
+def test_a_configuration_is_found_from_its_own_parameters(table) -> None:
+    for index in range(0, len(table.curves), 7):
+        assert table.nearest(table.raw["configs"][index]["params"]) == index
+
+
+def test_a_nearby_point_finds_the_configuration_with_the_same_choices(table) -> None:
+    params = dict(table.raw["configs"][3]["params"])
+    params["lr"] *= 1.0001
+    found = table.raw["configs"][table.nearest(params)]["params"]
+    assert {k: v for k, v in found.items() if isinstance(v, str)} == {
+        k: v for k, v in params.items() if isinstance(v, str)
+    }
+
+
+def test_early_stopping_ends_the_curve_where_the_loop_would(table) -> None:
+    patience = table.patience
+    curve = np.array([0.5, 0.7, *([0.6] * patience), 0.9])
+    value, run = table.outcome(curve)
+    assert (value, run) == (0.7, 2 + patience)  # the 0.9 after the patience ran out is never seen
+    value, run = table.outcome(np.array([0.5, 0.6, 0.7]))
+    assert (value, run) == (0.7, 3)
+
+
+@pytest.mark.parametrize("sampler,pruner", [("random", "none"), ("tpe", "median"), ("random", "hyperband")])
+def test_a_replayed_search_spends_its_budget_and_reports_its_best(search, table, sampler, pruner) -> None:
+    budget = 200
+    trace = search.replay(table, sampler, pruner, seed=1, budget=budget)
+    assert trace.epochs == sorted(trace.epochs) and trace.epochs[-1] >= budget
+    assert trace.epochs[-2] < budget  # it stops once the budget is spent
+    finite = [b for b in trace.best if not math.isnan(b)]
+    assert finite == sorted(finite)  # the best so far never gets worse
+    assert max(finite) <= max(float(np.max(c)) for c in table.curves)
+    if pruner == "none":
+        assert not trace.pruned_the_best
+        # without pruning every trial runs until early stopping: epochs = the sum of their runs
+        assert trace.trials * table.patience <= trace.epochs[-1] <= trace.trials * table.max_epochs
+
+
+def test_the_summary_ranks_the_default_and_draws_the_plot(search, table, tmp_path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    budget = 120
+    traces = [
+        search.replay(table, s, p, seed, budget)
+        for s in ("random", "tpe")
+        for p in ("none", "median")
+        for seed in (0, 1)
+    ]
+    text = search.summarise(table, traces, budget, tmp_path)
+    assert "| tpe (default) | median |" in text
+    assert "default tpe + median is" in text
+    assert (tmp_path / "breast.png").stat().st_size > 10_000
