@@ -16,6 +16,10 @@ bands to ``docs/search/<table>.png``.
 
     python benchmarks/search.py benchmarks/curves/breast.json
     python benchmarks/search.py benchmarks/curves/*.json --seeds 30 --jobs 2
+    python benchmarks/search.py benchmarks/curves/breast.json --samplers gp --pruners none,median
+
+Replays are kept in ``benchmarks/_data/replays/`` (per table contents and budget), so a later run adds
+samplers or pruners to the same table and a repeated run only redraws the summary and the plot.
 
 The best value is the best trial's recorded validation value, as a study reports it: the more trials a
 search finishes, the more its maximum is lifted by validation noise (one training seed per
@@ -25,12 +29,13 @@ configuration), which favours pruners that finish many trials a little.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +126,16 @@ def space_for(table: Table) -> SearchSpace:
 
 
 def make_pruner(space: SearchSpace, name: str, max_epochs: int) -> Any:
+    """The pruner ``name`` (``median:n_warmup_steps=10`` sets its options), as tuner builds it from a space."""
     own = space.study.pruner
+    name, _, options = name.partition(":")
+    if options:  # the space's own settings of that pruner, with these changed
+        base = own.model_dump() if own.name == name else {"name": name}
+        changed = dict(option.split("=") for option in options.split(","))
+        settings = {**base, **{k: float(v) if "." in v else int(v) for k, v in changed.items()}}
+        return build_pruner(
+            tuner.load_space(space, set={"study.pruner": settings}, require_data=False).study.pruner, max_epochs
+        )
     if name == own.name:
         return build_pruner(own, max_epochs)
     settings: dict[str, Any] = {"name": name}
@@ -181,6 +195,14 @@ def best_at(trace: Trace, grid: np.ndarray, sign: float) -> np.ndarray:
     return np.where(at >= 0, values[np.clip(at, 0, None)], np.nan)
 
 
+def _cache(path: Path, budget: int, space: SearchSpace) -> Path:
+    """Where replays of this table (its exact contents), with the space's sampler and pruner settings as they
+    are now, at this budget are kept between runs."""
+    settings = json.dumps(space.study.model_dump(mode="json", include={"sampler", "pruner"}), sort_keys=True)
+    digest = hashlib.sha1(path.read_bytes() + settings.encode()).hexdigest()[:12]
+    return ROOT / "benchmarks" / "_data" / "replays" / f"{path.stem}-{digest}-{budget}.json"
+
+
 def _run(args: tuple[Path, str, str, int, int]) -> Trace:
     path, sampler, pruner, seed, budget = args
     warnings.simplefilter("ignore")  # CMA-ES on categoricals, experimental samplers and pruners
@@ -201,8 +223,9 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished
         median = {k: np.nanmedian(v, axis=0) for k, v in curves.items()}
-    target = median[("random", "none")][-1]
-    order = sorted(curves, key=lambda k: (SAMPLERS.index(k[0]), PRUNERS.index(k[1])))
+    reference = median.get(("random", "none"))
+    target = reference[-1] if reference is not None else math.nan
+    order = sorted(curves, key=lambda k: (SAMPLERS.index(k[0]), PRUNERS.index(k[1].partition(":")[0]), k[1]))
     finals = {k: table.sign * median[k][-1] for k in order}
     lines = [
         f"### {table.name}: {len(table.curves)} configurations of `{table.raw['space']}`, "
@@ -220,7 +243,7 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
             q1, q2, q3 = np.nanpercentile(column, [25, 50, 75])
             cells.append(f"{q2:.4f} [{q1:.4f}, {q3:.4f}]")
         reached = np.nonzero(table.sign * median[key] >= table.sign * target)[0]
-        epochs = f"{grid[reached[0]]}" if len(reached) else f"> {budget}"
+        epochs = f"{grid[reached[0]]}" if len(reached) else (f"> {budget}" if reference is not None else "n/a")
         trials = np.median([t.trials for t in traces if (t.sampler, t.pruner) == key])
         mark = " (default)" if key == default else ""
         lines.append(
@@ -229,10 +252,11 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
             + f" | {epochs} | {pruned[key]:.0%} | {trials:.0f} | {len(curves[key])} |"
         )
     ranked = sorted(order, key=lambda k: -finals[k])
+    place = f"{ranked.index(default) + 1} of {len(ranked)}" if default in ranked else "not replayed"
     lines += [
         "",
-        f"Median best at the full budget, ranked: default {default[0]} + {default[1]} is "
-        f"{ranked.index(default) + 1} of {len(ranked)}; first {ranked[0][0]} + {ranked[0][1]}.",
+        f"Median best at the full budget, ranked: default {default[0]} + {default[1]} is {place}; "
+        f"first {ranked[0][0]} + {ranked[0][1]}.",
     ]
     _plot(table, curves, order, default, grid, out_dir / f"{table.name}.png")
     return "\n".join(lines)
@@ -251,6 +275,8 @@ def _plot(table, curves, order, default, grid, path: Path) -> None:
         for ax, sampler in zip(axes[0], samplers, strict=True):
             for key in [k for k in order if k[0] == sampler]:
                 q1, q2, q3 = np.nanpercentile(curves[key], [25, 50, 75], axis=0)
+                few = np.mean(~np.isnan(curves[key]), axis=0) < 0.5  # drawn once most searches have a best
+                q1, q2, q3 = (np.where(few, np.nan, q) for q in (q1, q2, q3))
                 (line,) = ax.plot(grid, q2, label=key[1], lw=2.2 if key == default else 1.2)
                 ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.12)
             ax.set_title(sampler)
@@ -295,12 +321,23 @@ def main() -> None:
             for pruner in args.pruners.split(",")
             for seed in range(args.slow_seeds if sampler in SLOW or pruner in SLOW else args.seeds)
         ]
+        cache = _cache(path, budget, space)
+        kept = json.loads(cache.read_text()) if cache.exists() else {}
+        todo = [t for t in tasks if "|".join(map(str, t[1:4])) not in kept]
         start = time.perf_counter()
         with ProcessPoolExecutor(args.jobs) as pool:
-            traces = list(pool.map(_run, tasks, chunksize=4))
+            for task, trace in zip(todo, pool.map(_run, todo, chunksize=4), strict=True):
+                kept["|".join(map(str, task[1:4]))] = asdict(trace)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(kept))
+        # every replay kept for this table and budget (earlier runs' other samplers and pruners too)
+        traces = [Trace(**t) for t in kept.values()]
         print(summarise(table, traces, budget, args.out))
         slowest = max({t.sampler for t in traces}, key=lambda s: sum(t.seconds for t in traces if t.sampler == s))
-        print(f"\n{len(traces)} searches in {time.perf_counter() - start:.0f} s (slowest sampler: {slowest})\n")
+        print(
+            f"\n{len(todo)} searches replayed in {time.perf_counter() - start:.0f} s, {len(traces) - len(todo)} "
+            f"kept from earlier runs in {cache.relative_to(ROOT)} (slowest sampler: {slowest})\n"
+        )
 
 
 if __name__ == "__main__":

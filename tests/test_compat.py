@@ -73,3 +73,12 @@ def test_an_old_study_lists_ranks_and_refits(legacy: Path):
     assert report["seeds"] == old["seeds"]
     assert [s["auroc"] for s in report["per_seed"]] == pytest.approx([s["auroc"] for s in old["per_seed"]], abs=1e-6)
     assert report["final"]["auroc"] == pytest.approx(old["final"]["auroc"], abs=1e-6)
+
+
+def test_an_old_study_goes_on_from_its_own_space_file(legacy: Path):
+    # Keys added to the space schema since (left unset here) must not make it "a different search space".
+    storage = f"sqlite:///{legacy / 'legacy.db'}"
+    more = invoke("optimize", "--space", legacy / "space.yaml", "--storage", storage, "--n-trials", "1")
+    assert more.exit_code == 0, more.output
+    listed = invoke("trials", "--study", "legacy", "--storage", storage)
+    assert listed.stdout.count("COMPLETE") == 4, listed.stdout

@@ -40,20 +40,18 @@ def _chromium() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def dashboard(tmp_path_factory):
-    """A finished study with its trial plots, and `tuner dashboard` serving it on a free loopback port
-    (one for the module's tests: they only read)."""
+def _served(tmp_path_factory, space: dict):
+    """The study of ``space`` run, and `tuner dashboard` serving it on a free loopback port."""
     workdir = tmp_path_factory.mktemp("dashboard")
+    name = space["study"]["name"]
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)
-        space = tiny_space(study={"n_trials": 2}, train={"max_epochs": 3, "patience": None, "device": "cpu"})
         result = invoke("optimize", "--space", write_space(workdir / "s.yaml", space))
         assert result.exit_code == 0, result.output
-        study = load_existing_study("tiny", None)
+        study = load_existing_study(name, None)
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tuner", "dashboard", "--study", "tiny", "--port", str(port)],
+        [sys.executable, "-m", "tuner", "dashboard", "--study", name, "--port", str(port)],
         cwd=workdir,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -73,6 +71,19 @@ def dashboard(tmp_path_factory):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def dashboard(tmp_path_factory):
+    """A finished study with its trial plots, served (one for the module's tests: they only read)."""
+    space = tiny_space(study={"n_trials": 2}, train={"max_epochs": 3, "patience": None, "device": "cpu"})
+    yield from _served(tmp_path_factory, space)
+
+
+def _dom(page: str) -> str:
+    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    browser += ["--virtual-time-budget=20000", "--window-size=1400,2000", "--dump-dom", page]
+    return subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
 
 
 def test_dashboard_api_serves_the_study_its_trials_and_their_plots(dashboard):
@@ -106,3 +117,19 @@ def test_a_trial_page_in_a_real_browser_shows_its_plots(dashboard, tmp_path):
     assert pixels.shape == (2000, 1400) and pixels.std() > 10, "a rendered page, not a blank one"
     # The artifact cards (below the trial's details) hold images: many distinct grey levels there.
     assert len(np.unique(pixels[700:1100, 250:1150])) > 50
+
+
+def test_a_multi_objective_study_shows_its_pareto_front_with_the_objectives_named(tmp_path_factory):
+    space = tiny_space(study={"name": "front", "metrics": ["val_auroc", "params_m"], "n_trials": 4})
+    del space["study"]["metric"]
+    space["params"]["width"] = {"choices": [2, 4, 8]}
+    for base, study in _served(tmp_path_factory, space):
+        detail = json.loads(_get(f"{base}/api/studies/{study._study_id}"))
+        assert detail["directions"] == ["maximize", "minimize"]
+        assert sorted(t["number"] for t in detail["best_trials"]) == sorted(t.number for t in study.best_trials)
+        dom = _dom(f"{base}/dashboard/studies/{study._study_id}")
+        start = dom.index("Pareto Front")
+        front = dom[start : dom.index("History", start)]  # its card, up to the next one's title
+        assert ">val_auroc<" in front and ">params_m<" in front  # the axes' objectives, by name
+        completed = [t for t in study.trials if t.state.name == "COMPLETE"]
+        assert front.count('class="point"') == len(completed) >= 2  # every completed trial drawn

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from PIL import Image
 from tests.conftest import make_image_folder
 from tuner.data.synthetic import make_synthetic
 from tuner.search import run_optimize
-from tuner.search.space import iter_specs, load_space
+from tuner.search.space import iter_specs, parse_space
 
 SPACES = sorted((Path(__file__).parents[1] / "search_spaces").glob("*.yaml"))
 MHIST_AGREEMENT = "Number of Annotators who Selected SSA (Out of 7)"
@@ -111,17 +112,21 @@ class Variant:
         return high if self.k % 2 else low
 
 
+def _without_weights(node: Any) -> Any:
+    """``pretrained: false`` wherever the space sets it, under a choice too."""
+    if isinstance(node, dict):
+        return {k: False if k == "pretrained" else _without_weights(v) for k, v in node.items()}
+    return node
+
+
 def _space_for_tests(path: Path, kinds: dict[str, Path]):
     raw = yaml.safe_load(path.read_text())
-    return load_space(
-        path,
-        {
-            **data_overrides(raw, kinds),
-            "data.image_size": 64 if "alexnet" in path.read_text() else 32,
-            "train.device": "cpu",
-            "params.pretrained": False,
-        },
-    )
+    overrides = {
+        **data_overrides(raw, kinds),
+        "data.image_size": 64 if "alexnet" in path.read_text() else 32,
+        "train.device": "cpu",
+    }
+    return parse_space({**raw, "params": _without_weights(raw["params"])}, str(path), overrides)
 
 
 @pytest.mark.parametrize("path", SPACES, ids=[p.stem for p in SPACES])

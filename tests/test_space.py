@@ -90,7 +90,10 @@ MALFORMED = [
         {"study": {"pruner": {"name": "percentile", "percentile": 120}}},
         "study.pruner.percentile: Input should be less than 100",
     ),
-    ({"study": {"sampler": {"name": "grid"}}}, "study.sampler.name: Input should be 'tpe', 'random', 'gp' or 'cmaes'"),
+    (
+        {"study": {"sampler": {"name": "grid"}}},
+        "study.sampler.name: Input should be 'tpe', 'random', 'gp', 'cmaes' or 'nsga2'",
+    ),
     ({"data": {"image_size": "big"}}, "data.image_size: Input should be a valid integer"),
     ({"data": {"val_fraction": 1.5}}, "data.val_fraction: Input should be less than 0.9"),
     ({"train": {"device": "gpu"}}, "train.device: String should match pattern"),

@@ -159,6 +159,7 @@ def refit(
     *,
     storage: str | None = None,
     trial: int | None = None,
+    pick: str | None = None,
     seeds: int = 1,
     folds: int | None = None,
     tta: str = "none",
@@ -173,7 +174,8 @@ def refit(
     progress: bool = True,
 ) -> FinalModel:
     """Retrain a trial (``trial``, else the best) on train+validation and read the locked test split once,
-    as ``tuner refit``. Writes ``model.pt``, predictions, plots and the report to ``out_dir`` (default
+    as ``tuner refit``. ``pick`` (a multi-objective study): the Pareto front's trial with the best first
+    objective among those meeting conditions such as ``"latency_ms<=20, val_recall>=0.9"``. Writes ``model.pt``, predictions, plots and the report to ``out_dir`` (default
     ``studies/<study>/refit``) and returns the final model with its report."""
     import optuna
 
@@ -183,6 +185,8 @@ def refit(
 
     call = _call_line(refit, locals())
     loaded = study if isinstance(study, optuna.Study) else load_existing_study(study, storage)
+    if pick is not None:
+        trial = _picked(loaded, pick, trial)
     folder = Path(out_dir) if out_dir is not None else STUDIES_DIR / loaded.study_name / "refit"
     with python_call(call), NetworkProgress(what="networks", quiet=not progress) as display:
         report = run_refit(
@@ -203,6 +207,21 @@ def refit(
             top_k=top_k,
         )
     return FinalModel(folder / "model.pt", report=report)
+
+
+def _picked(study: optuna.Study, pick: str, trial: int | None) -> int:
+    from tuner.search import StudyKey
+    from tuner.search.pareto import pick as pick_from_front
+
+    if trial is not None:
+        raise TunerError("give either a trial number or pick conditions, not both")
+    objectives = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metrics")
+    if not objectives:
+        raise TunerError(
+            f"pick chooses from the Pareto front of a multi-objective study (study.metrics); study "
+            f"{study.study_name!r} has one objective: refit its best trial, or name one with trial"
+        )
+    return pick_from_front(study, objectives, pick).number
 
 
 def _call_line(fn: Any, arguments: dict[str, Any]) -> str:

@@ -313,6 +313,9 @@ def _print_best(study: Any, metric: str) -> None:
     except TunerError as err:  # no trial within study.constraints: said, and the study itself went fine
         out.print(str(err), highlight=False)
         return
+    if len(study.directions) > 1:
+        _print_front(study)
+        return
     out.print(
         f"best trial {best.number}: {metric}={fmt(best.value)} at epoch {best.user_attrs.get(TrialKey.BEST_EPOCH)}"
     )
@@ -322,6 +325,28 @@ def _print_best(study: Any, metric: str) -> None:
         out.print(f"  within study.constraints ({met}); {n_feasible} of {counts['COMPLETE']} completed trials are")
     for key, value in best.params.items():
         out.print(f"  {key} = {fmt(value)}")
+
+
+def _objectives(study: Any) -> list[str]:
+    stored = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {})
+    return list(stored.get("metrics") or [stored.get("metric", "value")])
+
+
+def _print_front(study: Any) -> None:
+    """A multi-objective study's Pareto front, best first objective first, and how to refit from it."""
+    from tuner.search.pareto import front
+
+    names = _objectives(study)
+    trials = front(study)
+    directions = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions, strict=True))
+    out.print(f"Pareto front: {len(trials)} trial(s) on {directions}", highlight=False)
+    for t in trials:
+        values = ", ".join(f"{n}={fmt(v)}" for n, v in zip(names, t.values, strict=True))
+        out.print(f"  trial {t.number:>3}: {values}", highlight=False)
+    out.print(
+        f"refit one with: tuner refit --study {study.study_name} --pick '{names[1]}<=...' (or --trial N)",
+        highlight=False,
+    )
 
 
 @app.command()
@@ -336,21 +361,28 @@ def trials(
 
     s = load_existing_study(study, storage)
     rows = [trial_summary(t) for t in s.get_trials(deepcopy=False)]
-    sign = -1 if s.direction.name == "MAXIMIZE" else 1
+    sign = -1 if s.directions[0].name == "MAXIMIZE" else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
-    metric = s.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric", "value")
+    objectives = _objectives(s)
+    on_front = set()
+    if len(objectives) > 1:  # a multi-objective study: every objective, and which trials are on the front
+        from tuner.search.pareto import front
+
+        on_front = {t.number for t in front(s)}
     names = sorted({k for r in rows for k in r["params"]})
     table = Table(title=f"{study}: {len(rows)} trials")
     for r in rows:
         if r["feasible"] is False:  # study.constraints: never the best, whatever its value
             r["reason"] = r["reason"] or "outside study.constraints"
-    for col in ("#", "state", metric, "best epoch", *names, "s", "note"):
+        if r["number"] in on_front:
+            r["reason"] = "Pareto front"
+    for col in ("#", "state", *objectives, "best epoch", *names, "s", "note"):
         table.add_column(col, justify="right" if col not in ("state", "note") else "left")
     for r in rows[:limit]:
         table.add_row(
             str(r["number"]),
             r["state"],
-            fmt(r["value"]),
+            *(fmt(v) for v in (r["values"] or [None] * len(objectives))),
             fmt(r["best_epoch"]),
             *(fmt(r["params"].get(n)) for n in names),
             fmt(r["duration_s"]),
@@ -381,6 +413,11 @@ def best(
     summary["metric"] = s.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric")
     summary["hparams"] = trial.user_attrs.get(TrialKey.HPARAMS)
     summary["study"] = study
+    if len(s.directions) > 1:
+        from tuner.search.pareto import front
+
+        summary["objectives"] = _objectives(s)
+        summary["front"] = [trial_summary(t) for t in front(s)]
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
@@ -439,6 +476,14 @@ def refit(
     storage: StorageOpt = None,
     best_trial: Annotated[bool, typer.Option("--best", help="Refit the best trial (the default).")] = False,
     trial: Annotated[Optional[int], typer.Option("--trial", help="Refit this trial number instead.")] = None,
+    pick: Annotated[
+        Optional[str],
+        typer.Option(
+            "--pick",
+            help="Multi-objective study: refit the Pareto front's trial with the best first objective among "
+            "those meeting these conditions, e.g. 'latency_ms<=20' or 'latency_ms<=20,val_recall>=0.9'.",
+        ),
+    ] = None,
     seeds: Annotated[
         int, typer.Option("--seeds", help="Repeat with this many seeds: mean, sd and a bootstrap 95% CI.")
     ] = 1,
@@ -475,12 +520,13 @@ def refit(
     from tuner.api import refit as run
 
     _setup_logging(verbose, quiet)
-    if best_trial and trial is not None:
-        raise TunerError("give either --best or --trial N, not both")
+    if sum((best_trial, trial is not None, pick is not None)) > 1:
+        raise TunerError("give one of --best, --trial N and --pick, not two")
     model = run(
         study,
         storage=storage,
         trial=trial,
+        pick=pick,
         seeds=seeds,
         folds=folds,
         tta=tta,
@@ -772,6 +818,8 @@ def report(
         out.print(
             "parameter importances (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in summary["importances"].items())
         )
+    if "front" in summary:
+        _print_front(s)
     out.print(f"report, plots and JSON in {folder}/", highlight=False)
 
 
@@ -789,7 +837,9 @@ def space_check(
     s = search_space.study
     out.print(f"[bold]{file}[/] is valid (fingerprint {search_space.fingerprint()})")
     out.print(
-        f"study {s.name}: {s.resolved_direction} {s.metric}, sampler {s.sampler.name} (seed {s.sampler.seed}), "
+        f"study {s.name}: "
+        + ", ".join(f"{d} {m}" for m, d in zip(s.objectives, s.resolved_directions, strict=True))
+        + f", sampler {s.sampler.name} (seed {s.sampler.seed}), "
         f"pruner {s.pruner.name}, {s.n_trials} trials" + (f", timeout {s.timeout} s" if s.timeout else ""),
         highlight=False,
     )

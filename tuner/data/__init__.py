@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         SYNTHESIZING,
         Strategy,
         balanced_class_weights,
+        epoch_chunk,
         epoch_indices,
         synthesize,
         target_counts,

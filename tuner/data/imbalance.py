@@ -122,6 +122,22 @@ def epoch_indices(
     return IMBALANCE_STRATEGIES[strategy].draw(labels, wanted, seed)
 
 
+def epoch_chunk(draw_pass: Callable[[int], np.ndarray], epoch: int, size: int) -> np.ndarray:
+    """Epoch ``epoch``'s indices when an epoch is ``size`` images (``train.epoch_images``) rather than a pass.
+
+    The epochs are consecutive slices of a stream of passes (pass ``p`` is ``draw_pass(p)``, already
+    shuffled; every pass has the same length), so each pass is seen whole before the next begins, and
+    epoch ``k`` is the same whatever ran before it (a resumed trial draws what it would have)."""
+    pass_size = len(draw_pass(0))
+    start, parts = (epoch - 1) * size, []
+    while size > 0:
+        p, offset = divmod(start, pass_size)
+        part = draw_pass(p)[offset : offset + size]
+        parts.append(part)
+        start, size = start + len(part), size - len(part)
+    return np.concatenate(parts)
+
+
 def synthesize(
     images: np.ndarray, labels: np.ndarray, strategy: str, *, ratio: float = 1.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,16 @@ from tuner.final.replay import refit_one, replay_hparams, study_space
 from tuner.final.report import write_report
 from tuner.final.results import EnsembleReport, EnsembleRow
 from tuner.metric_names import TABLE_METRICS
-from tuner.search import STUDIES_DIR, SearchSpace, StudyKey, TrialKey, ranked_trials, run_settings, space_at_size
+from tuner.search import (
+    STUDIES_DIR,
+    SearchSpace,
+    StudyKey,
+    TrialKey,
+    first_value,
+    ranked_trials,
+    run_settings,
+    space_at_size,
+)
 from tuner.train import choose_threshold, plot_confusion, plot_roc_pr, resolve_device, train_model
 
 log = logging.getLogger(__name__)
@@ -119,11 +128,10 @@ def _run_member(m: Member, dataset: Dataset, device: torch.device, out_dir: Path
     seed = int(m.trial.user_attrs[TrialKey.SEED])
     _, result = train_model(hparams, DeviceData.from_dataset(dataset, device), run_settings(m.space), seed=seed)
     replayed = result.history[m.space.study.metric][result.best_epoch - 1]
-    assert m.trial.value is not None and result.best_val_probs is not None and result.val_targets is not None
-    if not math.isclose(replayed, m.trial.value, rel_tol=1e-3, abs_tol=1e-3):
-        log.warning(
-            "%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)", m.name, replayed, m.trial.value
-        )
+    value = first_value(m.trial)
+    assert value is not None and result.best_val_probs is not None and result.val_targets is not None
+    if not math.isclose(replayed, value, rel_tol=1e-3, abs_tol=1e-3):
+        log.warning("%s replayed to %.4f on validation, not %.4f (non-deterministic kernels?)", m.name, replayed, value)
     test_probs = refit_one(
         out_dir / f"model-{m.study.study_name}-{m.trial.number}.pt",
         hparams,
@@ -234,7 +242,7 @@ def run_ensemble(
                 "study": m.study.study_name,
                 "trial": m.trial.number,
                 "model": m.trial.user_attrs[TrialKey.HPARAMS]["model"],
-                "validation_value": m.trial.value,
+                "validation_value": first_value(m.trial),
                 "replayed_validation_value": o.replayed,
                 "epochs": int(m.trial.user_attrs[TrialKey.BEST_EPOCH]),
             },

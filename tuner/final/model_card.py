@@ -47,6 +47,15 @@ def model_card(report: RefitReport) -> str:
         "",
         f"- architecture: {r.hparams.get('model')}" + (", ImageNet-pretrained" if r.hparams.get("pretrained") else ""),
         f"- chosen trial: {r.trial} ({r.metric} {markdown_number(r.validation_value)} on validation)",
+        *(
+            [
+                "- objectives of the chosen trial (a multi-objective study's Pareto front): "
+                + ", ".join(f"{k} {markdown_number(v)}" for k, v in r.objectives.items())
+                + (f"; costs measured on {r.costs_measured_on}" if r.costs_measured_on else "")
+            ]
+            if r.objectives
+            else []
+        ),
         f"- epochs: {r.epochs} ({r.epochs_rule})",
         f"- seeds: {', '.join(map(str, r.seeds))}; folds per seed: {r.folds or 'none (all of train+val)'}; "
         f"test-time augmentation: {r.tta}",

@@ -36,6 +36,7 @@ from tuner.final.scoring import score_runs, write_refit_predictions
 from tuner.search import (
     STUDIES_DIR,
     TrialKey,
+    first_value,
     prepare,
     space_at_size,
 )
@@ -181,7 +182,7 @@ def run_refit(
         trial=trial.number,
         params=trial.params,
         hparams=hparams.model_dump(mode="json"),
-        validation_value=trial.value,
+        validation_value=first_value(trial),
         metric=space.study.metric,
         constraint_values=trial.user_attrs.get(TrialKey.CONSTRAINT_VALUES),
         data=dataset.description,
@@ -210,6 +211,10 @@ def run_refit(
         final_summary=scores.final_summary,
         test_set_reads=test_reads(study),
         description=space.study.description,
+        objectives=dict(zip(space.study.objectives, trial.values, strict=True))
+        if space.study.multi_objective
+        else None,
+        costs_measured_on=trial.user_attrs.get(TrialKey.COSTS_MEASURED_ON),
         data_fingerprint=dataset.fingerprint,
         class_counts={
             split: part.class_counts(dataset.num_classes)

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from tuner.metric_names import REPORT_ORDER
-from tuner.search import StudyKey, TrialKey, feasibility, feasible, ranked_trials
+from tuner.search import StudyKey, TrialKey, feasibility, feasible, first_value, maximizes, ranked_trials
+from tuner.search.pareto import front
 
 
 def markdown_param(value: Any) -> str:
@@ -90,25 +91,35 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    metric = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metric", "value")
+    stored = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {})
+    metric = stored.get("metric", "value")
+    objectives = list(stored.get("metrics") or [metric])
+    multi = len(study.directions) > 1
+    # Several objectives: the importances and the history are of the first (the metric), and the front is drawn.
+    target = (lambda t: t.values[0]) if multi else None
+    # Optuna's importance evaluator reads a target as "lower is better": the metric, signed so.
+    lower_is_better = (lambda t: -t.values[0] if maximizes(study) else t.values[0]) if multi else None
     # Trials outside study.constraints are never the best: the feasible ones rank first (a stable sort).
     ranked = sorted(ranked_trials(study, feasible_only=False), key=lambda t: not feasible(t))
     importances: dict[str, float] = {}
     if len(completed) >= 2:
         try:
-            importances = {k: float(v) for k, v in optuna.importance.get_param_importances(study).items()}
+            with warnings.catch_warnings():  # its warning that a target means "lower is better": it is, here
+                warnings.simplefilter("ignore", UserWarning)
+                found = optuna.importance.get_param_importances(study, target=lower_is_better)
+            importances = {k: float(v) for k, v in found.items()}
         except (RuntimeError, ValueError):  # e.g. no parameter varies
             importances = {}
     summary = {
         "study": study.study_name,
         "metric": metric,
-        "direction": study.direction.name.lower(),
+        "direction": study.directions[0].name.lower(),
         "n_trials": len(study.get_trials(deepcopy=False)),
         "states": {s.name: sum(t.state == s for t in study.get_trials(deepcopy=False)) for s in TrialState},
         "top_trials": [
             {
                 "number": t.number,
-                "value": t.value,
+                "value": first_value(t),
                 "best_epoch": t.user_attrs.get(TrialKey.BEST_EPOCH),
                 "threshold": t.user_attrs.get(TrialKey.THRESHOLD),
                 "feasible": feasibility(t),
@@ -117,15 +128,26 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
             for t in ranked[:top]
         ],
         "importances": importances,
+        **(
+            {"objectives": objectives, "front": [{"number": t.number, "values": t.values} for t in front(study)]}
+            if multi
+            else {}
+        ),
         "test_set_reads": study.user_attrs.get(StudyKey.TEST_SET_READS, []),
     }
     with warnings.catch_warnings():  # Optuna's matplotlib plots are experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if completed:
-            ax = optuna.visualization.matplotlib.plot_optimization_history(study, target_name=metric)
+            ax = optuna.visualization.matplotlib.plot_optimization_history(study, target=target, target_name=metric)
             _save_optuna_plot(ax, out_dir / "optimization_history.png")
+        if completed and multi:
+            ax = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=objectives)
+            _save_optuna_plot(ax, out_dir / "pareto_front.png")
         if importances:
-            ax = optuna.visualization.matplotlib.plot_param_importances(study)
+            warnings.simplefilter("ignore", UserWarning)  # as above: the target is "lower is better"
+            ax = optuna.visualization.matplotlib.plot_param_importances(
+                study, target=lower_is_better, target_name=metric
+            )
             _save_optuna_plot(ax, out_dir / "importances.png")
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     lines = [
@@ -139,6 +161,12 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
         params = ", ".join(f"{k}={markdown_param(v)}" for k, v in t["params"].items())
         mark = " (outside study.constraints)" if t["feasible"] is False else ""
         lines.append(f"| {t['number']}{mark} | {markdown_number(t['value'])} | {t['best_epoch']} | {params} |")
+    if multi:
+        lines += ["", f"Pareto front ({len(summary['front'])} trials):", "", "| # | " + " | ".join(objectives) + " |"]
+        lines += ["|---|" + "---|" * len(objectives)]
+        lines += [
+            f"| {t['number']} | " + " | ".join(markdown_number(v) for v in t["values"]) + " |" for t in summary["front"]
+        ]
     if importances:
         lines += ["", "| parameter | importance |", "|---|---|"] + [
             f"| {k} | {v:.3f} |" for k, v in importances.items()

@@ -23,6 +23,8 @@ from tuner.search import (
     StudyKey,
     TrialData,
     TrialKey,
+    first_value,
+    maximizes,
     ranked_trials,
 )
 from tuner.train import (
@@ -46,7 +48,7 @@ def rescore(
 ) -> tuple[FrozenTrial, list[dict]]:
     """Re-train the ``top_k`` best trials with ``seeds`` fresh seeds each, on validation only (never test),
     and pick the one with the best mean: a remedy for the winner's curse of one noisy validation score."""
-    maximize = study.direction.name == "MAXIMIZE"
+    maximize = maximizes(study)
     top = ranked_trials(study)[:top_k]
     trial_data = TrialData(space, dataset, device, cache_dir)
     data, folds = trial_data.at(None)
@@ -57,13 +59,12 @@ def rescore(
         values = []
         for j in range(seeds):
             try:
-                values.append(
-                    objective.run(
-                        optuna.trial.FixedTrial(renamed(trial.params)),
-                        hparams,
-                        seed=int(trial.user_attrs[TrialKey.SEED]) + RESCORE_STRIDE * (j + 1),
-                    )
+                value = objective.run(
+                    optuna.trial.FixedTrial(renamed(trial.params)),
+                    hparams,
+                    seed=int(trial.user_attrs[TrialKey.SEED]) + RESCORE_STRIDE * (j + 1),
                 )
+                values.append(value[0] if isinstance(value, tuple) else value)  # the metric: the first objective
             except (optuna.TrialPruned, RuntimeError) as err:
                 log.warning("re-scoring trial %d, seed %d: %s", trial.number, j, err)
                 values.append(math.nan)
@@ -71,7 +72,7 @@ def rescore(
         rows.append(
             {
                 "trial": trial.number,
-                "value": trial.value,
+                "value": first_value(trial),
                 "rescored": values,
                 "mean": float(np.mean(finite)) if finite else math.nan,
                 "sd": float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0,

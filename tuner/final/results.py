@@ -95,6 +95,9 @@ class RefitReport(_Report):
     class_counts: dict[str, list[int]] | None = None  # split -> count per class, in class_names order
     image_size: int | None = None
     versions: dict[str, str] | None = None
+    # A multi-objective study: the chosen trial's value of every objective, and where its costs were measured.
+    objectives: dict[str, float] | None = None
+    costs_measured_on: str | None = None
 
 
 @dataclass(frozen=True)

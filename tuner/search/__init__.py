@@ -38,7 +38,16 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         redact,
         redacted_command,
     )
-    from tuner.search.study import best_trial, best_value, feasibility, feasible, ranked_trials, trial_summary
+    from tuner.search.study import (
+        best_trial,
+        best_value,
+        feasibility,
+        feasible,
+        first_value,
+        maximizes,
+        ranked_trials,
+        trial_summary,
+    )
     from tuner.search.supervisor import run_optimize
     from tuner.search.trial_data import TrialData, prepare, space_at_size
     from tuner.search.worker_server import start_worker_server

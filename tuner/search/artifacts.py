@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class TrialArtifacts:
         self.positive_index = positive_index
         self.save_checkpoints = save_checkpoints
         self._drawer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trial-artifacts")
+        self._pending: Future[None] | None = None  # the last trial's drawing (one thread: earlier ones are done)
 
     def add(
         self,
@@ -91,7 +92,12 @@ class TrialArtifacts:
         except OSError as err:  # a full disk, a read-only folder: the trial's result still counts
             log.warning("could not write the dashboard files of trial %d in %s: %s", trial.number, self.folder, err)
             return
-        self._drawer.submit(self._draw, trial.number, files, ids)
+        self._pending = self._drawer.submit(self._draw, trial.number, files, ids)
+
+    def wait(self) -> None:
+        """Until the trials' files drawn so far are written (a latency timing must not share the cores)."""
+        if self._pending is not None:
+            self._pending.result()
 
     def close(self) -> None:
         """Wait until every queued trial's files are written."""

@@ -43,6 +43,8 @@ class TrialKey:
     RESUMED_AT: Final = "resumed_at_epoch"  # a preempted trial's retry went on after this epoch
     CRASH_RETRIES: Final = "crash_retries"
     WARM_START_FROM: Final = "warm_start_from"
+    COSTS: Final = "costs"  # multi-objective: the network's latency_ms, params_m, ... (tuner.train.costs)
+    COSTS_MEASURED_ON: Final = "costs_measured_on"  # the device and threads the latency was measured with
 
 
 class StudyKey:

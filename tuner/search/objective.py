@@ -25,9 +25,11 @@ import torch
 from tuner import interrupts
 from tuner.data import DeviceData
 from tuner.errors import TunerError
+from tuner.metric_names import COST_METRICS
 from tuner.search.artifacts import TrialArtifacts
 from tuner.search.keys import TrialKey
 from tuner.search.outage import DATABASE_GONE, StorageLost
+from tuner.search.pareto import PruneRule, cost_signs, judge, peers_of
 from tuner.search.preemption import Resume, SavedTrials, TrialPreempted, original_number
 from tuner.search.resources import GPU_ENV, process_space, worker_name
 from tuner.search.space import SearchSpace, suggest
@@ -39,11 +41,14 @@ from tuner.train import (
     NonFiniteLossError,
     OutOfMemory,
     RunSettings,
+    build_classifier,
     choose_threshold,
     classification_metrics,
     free_memory,
+    resolve_device,
     train_model,
 )
+from tuner.train.costs import network_costs
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +75,7 @@ def run_settings(space: SearchSpace) -> RunSettings:
         channels_last=space.train.channels_last,
         eval_batch_size=space.train.eval_batch_size,
         min_batch_size=space.train.min_batch_size,
+        epoch_images=space.train.epoch_images,
     )
 
 
@@ -111,12 +117,17 @@ class Objective:
             )
         )
         self.metric = space.study.metric
+        self.objectives = space.study.objectives
+        self.multi = space.study.multi_objective  # then tuner prunes (see tuner.search.pareto), not Optuna
+        self.rule = PruneRule.from_settings(space.study.pruner) if self.multi else None
+        self.cost_signs = cost_signs(self.objectives, space.study.resolved_directions)
+        self.sign = 1.0 if space.study.resolved_direction == "maximize" else -1.0
         self.saved = saved  # preempted trials' states; None: trials stop only when the process ends
         self.settings = run_settings(space)
         if trial_data is not None:  # features of a frozen backbone go to the disk cache beside the pixels
             self.settings = replace(self.settings, feature_cache=trial_data.cache_dir)
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         with interrupts.immediate():  # the worker defers Ctrl-C around Optuna's bookkeeping (see interrupts)
             hparams = suggest(trial, self.space)
             resume = None if self.saved is None else self.saved.load(trial, hparams)
@@ -133,8 +144,9 @@ class Objective:
         hparams: Hyperparameters,
         seed: int,
         resume: Resume | None = None,
-    ) -> float:
-        """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value.
+    ) -> float | tuple[float, ...]:
+        """Train (hold-out or every fold) with ``seed``; record everything on ``trial``; return its value
+        (its values, one per objective, in a multi-objective study).
 
         ``resume``: a preempted trial's saved state, to go on from its epoch (hold-out)."""
         trial.set_user_attr(TrialKey.SEED, seed)
@@ -235,24 +247,74 @@ class Objective:
         trial.set_user_attr(TrialKey.PRUNE_REASON, reason)
         raise optuna.TrialPruned(f"{reason} with {self.metric}={value:.4f}")
 
+    def _costs(self, trial: Any, hparams: Hyperparameters, data: DeviceData) -> dict[str, float]:
+        """A multi-objective trial's network costs, measured before it trains (its pruning compares them)."""
+        names = [m for m in self.objectives if m in COST_METRICS]
+        if not names:
+            return {}
+        device = resolve_device(self.space.train.device)
+        if self.artifacts is not None:
+            self.artifacts.wait()  # the previous trial's plots are drawn on these cores otherwise
+        model = build_classifier(
+            hparams.model_copy(update={"pretrained": False}),  # the same network; its weights cost the same
+            num_classes=data.num_classes,
+            channels=data.channels,
+            image_size=data.image_size,
+        ).to(device)
+        costs = network_costs(
+            model,
+            channels=data.channels,
+            image_size=data.image_size,
+            batch=hparams.batch_size,
+            latency=any("latency" in m for m in names),
+            channels_last=self.settings.channels_last and device.type == "cuda",
+        )
+        del model
+        measured = {
+            "latency_ms": costs.latency_ms,
+            "batch_latency_ms": costs.batch_latency_ms,
+            "params_m": costs.params_m,
+            "flops_g": costs.flops_g,
+        }
+        out = {k: round(float(v), 6) for k, v in measured.items() if v is not None}
+        trial.set_user_attr(TrialKey.COSTS, out)
+        trial.set_user_attr(
+            TrialKey.COSTS_MEASURED_ON, f"{costs.device}, {costs.threads} thread(s), batch {costs.batch}"
+        )
+        return out
+
+    def _should_stop(self, trial: Any, epoch: int, history: dict, costs: dict[str, float]) -> str | None:
+        """Optuna's pruner (one objective), or tuner's against cheaper trials (several; tuner.search.pareto)."""
+        if not self.multi:
+            return f"pruned at epoch {epoch}" if trial.should_prune() else None
+        if self.rule is None or not isinstance(trial, optuna.Trial):
+            return None
+        curve = [v for v in history[self.metric] if math.isfinite(v)]
+        best = max(curve, key=lambda v: self.sign * v) if curve else math.nan  # as Optuna's: the best so far
+        peers = peers_of(trial.study, self.metric, exclude=trial.number)
+        return judge(best, epoch, costs, peers, rule=self.rule, sign=self.sign, cost_signs=self.cost_signs)
+
     def _holdout(
         self, trial: Any, hparams: Hyperparameters, seed: int, history: dict, data: DeviceData, resume: Resume | None
-    ) -> float:
+    ) -> float | tuple[float, ...]:
+        costs = self._costs(trial, hparams, data) if self.multi else {}
+
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             for key, value in metrics.items():
                 history.setdefault(key, []).append(value)
             value = metrics[self.metric]
-            if math.isfinite(value):
+            if math.isfinite(value) and not self.multi:  # Optuna keeps one objective's curve only
                 trial.report(value, epoch)
             if self.on_epoch is not None:
                 self.on_epoch(trial.number, epoch, value)
-            if trial.should_prune():
-                self._prune(trial, history, f"pruned at epoch {epoch}", value)
+            reason = self._should_stop(trial, epoch, history, costs)
+            if reason is not None:
+                self._prune(trial, history, reason, value)
 
         if resume is not None:  # the epochs before the stop, as they were reported then
             history.update({k: list(v) for k, v in resume.history.items()})
             for epoch, value in enumerate(history.get(self.metric, []), 1):
-                if math.isfinite(value):
+                if math.isfinite(value) and not self.multi:
                     trial.report(value, epoch)
             trial.set_user_attr(TrialKey.RESUMED_AT, resume.epoch)
         _, result = train_model(
@@ -267,6 +329,10 @@ class Objective:
         )
         self._record(trial, result, result.history, result.best_epoch)
         self._finish(trial, result.history, result.best_val_probs, result.val_targets, result.best_state)
+        if self.multi:  # each validation objective at the checkpoint epoch, each cost as measured
+            return tuple(
+                costs[m] if m in COST_METRICS else result.history[m][result.best_epoch - 1] for m in self.objectives
+            )
         return self._value(result)
 
     def _value(self, result: FitResult) -> float:

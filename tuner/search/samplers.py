@@ -31,6 +31,13 @@ def _gp(seed: int, n_startup_trials: int) -> Any:
     return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_startup_trials)
 
 
+def _nsga2(seed: int, n_startup_trials: int) -> Any:
+    import optuna
+
+    # Each generation is as large as the start-up: the first is drawn at random, as other samplers' start-up is.
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(2, n_startup_trials))
+
+
 def _cmaes(seed: int, n_startup_trials: int) -> Any:
     import optuna
 
@@ -59,6 +66,7 @@ SAMPLERS: dict[str, SamplerInfo] = {
     "random": SamplerInfo(_random, uses_constraints=False),
     "gp": SamplerInfo(_gp, uses_constraints=True),
     "cmaes": SamplerInfo(_cmaes, uses_constraints=False),
+    "nsga2": SamplerInfo(_nsga2, uses_constraints=True),
 }
 
 

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tuner.data import CsvColumns
 from tuner.errors import SpaceError, TunerError
-from tuner.metric_names import VALIDATION_METRICS
+from tuner.metric_names import COST_METRICS, OBJECTIVE_METRICS, VALIDATION_METRICS, Direction, natural_direction
 from tuner.search.samplers import PRUNERS, SAMPLERS
 from tuner.train import check_model_name, resolve_pretrained
 from tuner.train import hparams as hp
@@ -148,6 +148,11 @@ class StudySettings(_Frozen):
     description: str | None = None  # what the model is for: the model card's intended use
     metric: Literal[VALIDATION_METRICS] = "val_auroc"  # type: ignore[valid-type]
     direction: Literal["maximize", "minimize", None] = None
+    # Multi-objective, in place of metric: [val_auroc, latency_ms]. The first is a validation metric (its
+    # curve is pruned on and picks each trial's best epoch); the others are costs of the network
+    # (COST_METRICS) or further validation metrics at that epoch. Directions: each one's natural one.
+    metrics: tuple[Literal[OBJECTIVE_METRICS], ...] | None = None  # type: ignore[valid-type]
+    directions: tuple[Literal["maximize", "minimize"], ...] | None = None
     sampler: SamplerSettings = SamplerSettings()
     pruner: PrunerSettings = MedianPrunerSettings()
     n_trials: Annotated[int, Field(ge=1)] = 20
@@ -160,11 +165,70 @@ class StudySettings(_Frozen):
     # e.g. {val_recall: {min: 0.9}}: only trials meeting every bound (at their operating point) count as best
     constraints: dict[Literal[VALIDATION_METRICS], Bound] = {}  # type: ignore[valid-type]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _first_of_metrics(cls, raw: Any) -> Any:
+        """With ``metrics``, ``metric`` is their first (the curve pruned on and checkpointed on)."""
+        if isinstance(raw, Mapping) and isinstance(raw.get("metrics"), (list, tuple)) and raw["metrics"]:
+            first = raw["metrics"][0]
+            if first in COST_METRICS:
+                raise ValueError(
+                    f"the first of metrics is the validation metric that trials are pruned and checkpointed on "
+                    f"(e.g. val_auroc), but got {first!r}"
+                )
+            if raw.get("metric", first) != first:
+                raise ValueError(
+                    f"give metric or metrics, not both (metric={raw['metric']!r}, metrics={raw['metrics']!r})"
+                )
+            if raw.get("direction") is not None:
+                raise ValueError("with metrics, give their directions as directions: [maximize, minimize, ...]")
+            return {**raw, "metric": first}
+        return raw
+
+    @model_validator(mode="after")
+    def _check_objectives(self) -> StudySettings:
+        if self.metrics is None:
+            if self.directions is not None:
+                raise ValueError("directions go with metrics (a multi-objective study); one metric has direction")
+            return self
+        if len(self.metrics) < 2 or len(set(self.metrics)) != len(self.metrics):
+            raise ValueError(f"metrics needs two or more different metrics, but got {list(self.metrics)}")
+        if self.directions is not None and len(self.directions) != len(self.metrics):
+            raise ValueError(
+                f"directions needs one entry per metric ({len(self.metrics)}), but got {len(self.directions)}"
+            )
+        if self.pruner.name not in ("median", "percentile", "none"):
+            raise ValueError(
+                f"a multi-objective study prunes with median, percentile or none (against the trials at least as "
+                f"cheap), but got pruner {self.pruner.name!r}"
+            )
+        if self.sampler.name == "cmaes":
+            raise ValueError("sampler cmaes optimises one objective; use tpe, nsga2, gp or random with metrics")
+        if self.cv_folds is not None:
+            raise ValueError("cv_folds is not available with metrics yet; use a hold-out study")
+        return self
+
     @property
-    def resolved_direction(self) -> str:
-        if self.direction is not None:
-            return self.direction
-        return "minimize" if self.metric == "val_loss" else "maximize"
+    def resolved_direction(self) -> Direction:
+        """The direction of ``metric`` (the first objective)."""
+        return self.resolved_directions[0]
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        """What a trial returns: ``metrics``, or ``metric`` alone."""
+        return self.metrics or (self.metric,)
+
+    @property
+    def resolved_directions(self) -> tuple[Direction, ...]:
+        if self.directions is not None:
+            return self.directions
+        if self.metrics is None and self.direction is not None:
+            return (self.direction,)
+        return tuple(natural_direction(m) for m in self.objectives)
+
+    @property
+    def multi_objective(self) -> bool:
+        return self.metrics is not None
 
 
 class SyntheticSettings(_Frozen):
@@ -230,6 +294,9 @@ class TrainSettings(_Frozen):
     seed: int = 0
     eval_batch_size: Annotated[int, Field(ge=1)] = 512
     min_batch_size: Annotated[int, Field(ge=1)] = 8  # out of memory: retry at half the batch size down to this
+    # For large sets: an epoch is this many training images (slices of a stream of shuffled passes) instead of a
+    # pass, so the pruner judges (and the checkpoint, early stopping and the LR schedule count) in cheaper steps.
+    epoch_images: Annotated[int, Field(ge=1)] | None = None
 
 
 # ---------------------------------------------------------------- parameters
@@ -347,6 +414,9 @@ class SearchSpace(_Frozen):
         )
         for resource in ("device", "min_batch_size"):  # where it runs, not what it computes
             content["train"].pop(resource, None)
+        for section, added in (("study", "metrics"), ("study", "directions"), ("train", "epoch_images")):
+            if content[section].get(added) is None:  # unset, a space means what it meant before they existed
+                content[section].pop(added, None)
         text = json.dumps(content, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -602,6 +672,8 @@ def _format_pydantic(err: ValidationError) -> list[tuple[str, str]]:
             problems.append((path, "unknown key"))
         elif e["type"] == "missing":
             problems.append((path, "is required"))
+        elif e["type"] == "value_error":  # a validator's own sentence says what was given
+            problems.append((path, e["msg"].removeprefix("Value error, ")))
         elif e["type"] in ("union_tag_invalid", "union_tag_not_found"):
             tag = (e.get("ctx") or {}).get("tag")
             problems.append((f"{path}.name", f"must be one of {', '.join(PRUNERS)}, but got name={tag!r}"))

@@ -39,7 +39,7 @@ class MinDeltaStagnation:
             key=lambda t: t.datetime_complete,  # type: ignore[arg-type,return-value]
         )
         values = [
-            sign * t.value if t.state == TrialState.COMPLETE and t.value is not None and feasible(t) else None
+            sign * t.values[0] if t.state == TrialState.COMPLETE and t.values and feasible(t) else None
             for t in finished
         ]
         stagnant = 0
@@ -61,7 +61,7 @@ def stagnation(study: optuna.Study, space: SearchSpace) -> str | None:
         return None
     began = int(study.user_attrs.get(StudyKey.RUN_BEGAN_AT, 0))
     evaluator = MinDeltaStagnation(stop.patience, stop.min_delta, began=began)
-    if evaluator.evaluate(study.get_trials(deepcopy=False), study.direction) >= 0:
+    if evaluator.evaluate(study.get_trials(deepcopy=False), study.directions[0]) >= 0:
         return None
     return (
         f"{space.study.metric} did not improve by {stop.min_delta} in the last {stop.patience} finished trials "

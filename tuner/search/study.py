@@ -3,6 +3,7 @@ within the study's constraints."""
 
 from __future__ import annotations
 
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,15 @@ def open_study(
     study = optuna.create_study(
         study_name=name,
         storage=storage,
-        direction="maximize" if space.study.resolved_direction == "maximize" else "minimize",
+        directions=list(space.study.resolved_directions),
         sampler=build_sampler(space.study.sampler),
         pruner=build_pruner(space.study.pruner, space.train.max_epochs),
         load_if_exists=True,
     )
+    if study.metric_names is None:  # optuna-dashboard names the axes and columns with them
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(space.study.objectives))
     attrs = study.user_attrs
     fingerprint = space.fingerprint()
     if "space_fingerprint" not in attrs:
@@ -93,21 +98,32 @@ def feasibility(trial: FrozenTrial) -> bool | None:
     return feasible(trial) if trial.constraints else None
 
 
+def first_value(trial: FrozenTrial) -> float | None:
+    """The trial's value of the study's metric (its first objective, in a multi-objective study)."""
+    return trial.values[0] if trial.values else None
+
+
+def maximizes(study: optuna.Study) -> bool:
+    """Whether the study's metric (its first objective) is maximised."""
+    return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+
+
 def ranked_trials(study: optuna.Study, *, feasible_only: bool = True) -> list[FrozenTrial]:
-    """The study's completed trials, best first (within study.constraints unless ``feasible_only=False``)."""
+    """The study's completed trials, best first on its metric (the first objective), within
+    study.constraints unless ``feasible_only=False``."""
     done = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.state == TrialState.COMPLETE and t.value is not None and (feasible(t) or not feasible_only)
+        if t.state == TrialState.COMPLETE and t.values and (feasible(t) or not feasible_only)
     ]
-    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
-    return sorted(done, key=lambda t: sign * float(t.value))  # type: ignore[arg-type]
+    sign = -1.0 if maximizes(study) else 1.0
+    return sorted(done, key=lambda t: sign * t.values[0])
 
 
 def best_value(study: optuna.Study) -> float | None:
-    """The best value so far among completed trials within the constraints; None before there is one."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE and feasible(t)]
-    return study.best_value if done else None
+    """The best value of the metric so far among completed trials within the constraints; None before there is one."""
+    ranked = ranked_trials(study)
+    return first_value(ranked[0]) if ranked else None
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
@@ -121,6 +137,8 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
             f"none of the {len(completed)} completed trials of study {study.study_name!r} meets its constraints "
             f"({_describe_bounds(bounds)}); run more trials, or relax study.constraints"
         )
+    if len(study.directions) > 1:  # the front's trial with the best first objective (refit --pick chooses others)
+        return ranked_trials(study)[0]
     return study.best_trial
 
 
@@ -138,7 +156,8 @@ def trial_summary(trial: FrozenTrial) -> dict[str, Any]:
     return {
         "number": trial.number,
         "state": trial.state.name,
-        "value": trial.value,
+        "value": first_value(trial),
+        "values": trial.values,
         "best_epoch": trial.user_attrs.get(TrialKey.BEST_EPOCH),
         "epochs_run": trial.user_attrs.get(TrialKey.EPOCHS_RUN, len(trial.intermediate_values) or None),
         "seed": trial.user_attrs.get(TrialKey.SEED),

@@ -123,8 +123,11 @@ def run_optimize(
     budget = TrialBudget(study)
     if not join:
         budget.add(space.study.n_trials, others_running=open_trials(study))
-        # study.stop judges the trials of this run only; an earlier run's stop does not hold for it.
-        study.set_user_attr(StudyKey.RUN_BEGAN_AT, len(study.get_trials(deepcopy=False)))
+        # study.stop judges the trials of this run only (those queued for it included: warm start,
+        # enqueued ones); an earlier run's stop does not hold for it.
+        trials = study.get_trials(deepcopy=False)
+        waiting = [t.number for t in trials if t.state == optuna.trial.TrialState.WAITING]
+        study.set_user_attr(StudyKey.RUN_BEGAN_AT, min(waiting, default=len(trials)))
         study.set_user_attr(StudyKey.STOPPED, None)
     if plan:
         return study

@@ -67,6 +67,7 @@ class RunSettings:
     # features computed once (see tuner.train.features), kept in this folder (None: in memory, per run).
     reuse_features: bool = True
     feature_cache: Path | None = None
+    epoch_images: int | None = None  # an epoch is this many training images, not a whole pass (None: a pass)
 
     def uses_amp(self, device: torch.device) -> bool:
         return self.amp and (device.type == "cuda" or (device.type == "cpu" and self.amp_on_cpu))
@@ -120,6 +121,7 @@ class Components:
     strategy: str  # how each epoch draws from the pool
     multipliers: dict[int, float]
     epoch_size: int  # images one epoch draws (the LR schedule's steps are planned from it)
+    epoch_images: int | None  # an epoch is a slice of this many images of a stream of passes (None: one pass)
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
@@ -157,7 +159,9 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: RunSe
     # SMOTE / ADASYN images are already in the pool; each epoch then takes the pool as it is.
     strategy = "none" if hparams.imbalance in SYNTHESIZING else hparams.imbalance
     multipliers = {data.class_index(name, "class_multipliers"): m for name, m in hparams.class_multipliers.items()}
-    epoch_size = sum(target_counts(pool_labels, strategy, hparams.ratio, multipliers).values())
+    one_pass = sum(target_counts(pool_labels, strategy, hparams.ratio, multipliers).values())
+    limit = settings.epoch_images if settings.epoch_images is not None and settings.epoch_images < one_pass else None
+    epoch_size = limit or one_pass
     steps_per_epoch = math.ceil(math.ceil(epoch_size / hparams.batch_size) / hparams.accumulate_steps)
     schedule = build_scheduler(
         hparams.scheduler,
@@ -180,6 +184,7 @@ def build_components(hparams: Hyperparameters, data: DeviceData, settings: RunSe
         strategy=strategy,
         multipliers=multipliers,
         epoch_size=epoch_size,
+        epoch_images=limit,
         loss_fn=loss_fn,
         optimizer=optimizer,
         schedule=schedule,

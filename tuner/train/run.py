@@ -14,7 +14,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from tuner.data import DeviceData, Normalize, epoch_indices, iterate_batches
+from tuner.data import DeviceData, Normalize, epoch_chunk, epoch_indices, iterate_batches
 from tuner.errors import TunerError
 from tuner.interrupts import raise_if_interrupted
 from tuner.train.build import RunSettings, build_components
@@ -123,11 +123,20 @@ def _train_once(
         val = None if data.val is None else embed(data.val, describe=f"{len(data.val)} validation images")
         model, normalize, channels_last = c.model.head, None, False
 
-    def train_batches(epoch: int):  # noqa: ANN202
+    def shuffled_pass(p: int) -> np.ndarray:  # pass p of the stream that fixed-size epochs slice
         indices = epoch_indices(
-            c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=c.multipliers
+            c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + p + 1, multipliers=c.multipliers
         )
-        order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
+        return indices[np.random.default_rng(seed * 1013 + p).permutation(len(indices))]
+
+    def train_batches(epoch: int):  # noqa: ANN202
+        if c.epoch_images is not None:
+            order = torch.from_numpy(epoch_chunk(shuffled_pass, epoch, c.epoch_images))
+        else:
+            indices = epoch_indices(
+                c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + epoch, multipliers=c.multipliers
+            )
+            order = torch.from_numpy(indices)[torch.randperm(len(indices), generator=generator)]
         batches = iterate_batches(
             pool,
             order,

@@ -1,0 +1,97 @@
+"""What fixed-size epochs (``train.epoch_images``) buy a search on a large set, at a fixed time budget.
+
+Two studies of the same space on the same data, each given ``--budget`` seconds (``study.timeout``):
+today's epochs (one pass over the training images each) against epochs of ``--epoch-images`` images,
+with ``max_epochs``, ``patience`` and the pruner's warm-up scaled so a trial that runs to the end sees
+the same number of images, but the pruner judges it after a fraction of a pass instead of several. The
+arms alternate (``--rounds``), each round with new sampler seeds, on one process at a time. It prints
+trials per hour (finished: completed and pruned) and the best validation value at the budget.
+
+    python benchmarks/fidelity.py --space search_spaces/quickstart.yaml --set data.synthetic.n_images=5000 \\
+        --budget 600 --epoch-images 600
+    python benchmarks/fidelity.py --space search_spaces/breast.yaml --data ../shared/data/breastmnist.npz \\
+        --budget 300 --epoch-images 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+import tuner
+from tuner.search import best_value, prepare
+
+
+def run(space_path: str, data: str | None, sets: list[str], root: Path, name: str, budget: float, seed: int, **train):
+    overrides = [*sets, f"study.sampler.seed={seed}", f"study.timeout={budget}", "study.n_trials=100000"]
+    overrides += [f"train.{k}={v}" for k, v in train.items() if k != "warmup"]
+    if "warmup" in train:
+        overrides.append(f"study.pruner.n_warmup_steps={train['warmup']}")
+    start = time.perf_counter()
+    study = tuner.optimize(
+        space_path,
+        data=data,
+        study=name,
+        storage=f"sqlite:///{root}/{name}.db",
+        cache_dir=root / "cache",
+        set=overrides,
+        progress=False,
+    )
+    seconds = time.perf_counter() - start
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    return len(finished) / seconds * 3600, best_value(study)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--space", required=True)
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--set", action="append", default=[], help="key=value, as tuner optimize --set")
+    parser.add_argument("--budget", type=float, default=600.0, help="seconds per study")
+    parser.add_argument("--epoch-images", type=int, required=True)
+    parser.add_argument("--rounds", type=int, default=1)
+    args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = tuner.load_space(args.space, {"data.source": args.data}, args.set)
+    tmp = tempfile.TemporaryDirectory()
+    root = Path(tmp.name)
+    n_train = len(prepare(space, cache_dir=root / "cache").train.labels)
+    scale = max(1, round(n_train / args.epoch_images))
+    t = space.train
+    pruner = space.study.pruner
+    warmup = getattr(pruner, "n_warmup_steps", None)
+    arms = {
+        "one pass per epoch": {},
+        f"{args.epoch_images} images per epoch": {
+            "epoch_images": args.epoch_images,
+            "max_epochs": t.max_epochs * scale,
+            **({"patience": t.patience * scale} if t.patience else {}),
+            **({"warmup": warmup * scale} if warmup is not None else {}),
+        },
+    }
+    print(f"{n_train} training images; fixed-size epochs: {args.epoch_images} images, x{scale} epochs", flush=True)
+    results: dict[str, list[tuple[float, float | None]]] = {arm: [] for arm in arms}
+    with tmp:
+        for r in range(args.rounds):
+            for i, (arm, train) in enumerate(arms.items()):
+                results[arm].append(run(args.space, args.data, args.set, root, f"arm{i}r{r}", args.budget, r, **train))
+                print(
+                    f"round {r}: {arm}: {results[arm][-1][0]:.0f} trials/hour, best {results[arm][-1][1]}", flush=True
+                )
+    print(f"\n{'arm':<28} {'trials/hour':>12} {'best val (median)':>18}")
+    for arm, rows in results.items():
+        rates = [x for x, _ in rows]
+        bests = [b for _, b in rows if b is not None]
+        print(
+            f"{arm:<28} {statistics.median(rates):>12.0f} "
+            f"{(statistics.median(bests) if bests else float('nan')):>18.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
