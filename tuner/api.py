@@ -211,7 +211,7 @@ def refit(
 
 def _picked(study: optuna.Study, pick: str, trial: int | None) -> int:
     from tuner.search import StudyKey
-    from tuner.search.pareto import pick as pick_from_front
+    from tuner.search import pick as pick_from_front
 
     if trial is not None:
         raise TunerError("give either a trial number or pick conditions, not both")

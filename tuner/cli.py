@@ -334,7 +334,7 @@ def _objectives(study: Any) -> list[str]:
 
 def _print_front(study: Any) -> None:
     """A multi-objective study's Pareto front, best first objective first, and how to refit from it."""
-    from tuner.search.pareto import front
+    from tuner.search import front
 
     names = _objectives(study)
     trials = front(study)
@@ -366,7 +366,7 @@ def trials(
     objectives = _objectives(s)
     on_front = set()
     if len(objectives) > 1:  # a multi-objective study: every objective, and which trials are on the front
-        from tuner.search.pareto import front
+        from tuner.search import front
 
         on_front = {t.number for t in front(s)}
     names = sorted({k for r in rows for k in r["params"]})
@@ -414,7 +414,7 @@ def best(
     summary["hparams"] = trial.user_attrs.get(TrialKey.HPARAMS)
     summary["study"] = study
     if len(s.directions) > 1:
-        from tuner.search.pareto import front
+        from tuner.search import front
 
         summary["objectives"] = _objectives(s)
         summary["front"] = [trial_summary(t) for t in front(s)]

@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tuner.metric_names import REPORT_ORDER
-from tuner.search import StudyKey, TrialKey, feasibility, feasible, first_value, maximizes, ranked_trials
-from tuner.search.pareto import front
+from tuner.search import StudyKey, TrialKey, feasibility, feasible, first_value, front, maximizes, ranked_trials
 
 
 def markdown_param(value: Any) -> str:

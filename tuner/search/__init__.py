@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.search.keys import StudyKey, TrialKey
     from tuner.search.objective import Objective, run_settings
     from tuner.search.outage import DEFAULT_PATIENCE, DatabaseAway, outage_summary
+    from tuner.search.pareto import front, pick
     from tuner.search.space import (
         DataSettings,
         SearchSpace,

@@ -45,10 +45,10 @@ from tuner.train import (
     choose_threshold,
     classification_metrics,
     free_memory,
+    network_costs,
     resolve_device,
     train_model,
 )
-from tuner.train.costs import network_costs
 
 log = logging.getLogger(__name__)
 

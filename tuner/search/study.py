@@ -44,7 +44,8 @@ def open_study(
         pruner=build_pruner(space.study.pruner, space.train.max_epochs),
         load_if_exists=True,
     )
-    if study.metric_names is None:  # optuna-dashboard names the axes and columns with them
+    if space.study.multi_objective and study.metric_names is None:  # optuna-dashboard names the axes with them
+        # (one objective keeps Optuna's "value": trials_dataframe()'s column, which notebooks read)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(space.study.objectives))

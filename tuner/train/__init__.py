@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         seed_everything,
     )
     from tuner.train.checkpoint import SavedModel, load_model, save_atomically, save_model, versions
+    from tuner.train.costs import Costs, network_costs
     from tuner.train.hparams import BEFORE_ADDED, Hyperparameters, renamed, upgrade, upgrade_stored
     from tuner.train.inference import TTA_VIEWS, average_probabilities
     from tuner.train.loop import FitResult, Interrupted, NonFiniteLossError, fit, predict, resolve_device
