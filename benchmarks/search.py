@@ -178,8 +178,10 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> T
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         epochs.append(consumed)
-        finished = [t.value for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
-        best.append(table.sign * max(table.sign * v for v in finished) if finished else math.nan)
+        so_far = best[-1] if best else math.nan
+        if trial.state == optuna.trial.TrialState.COMPLETE and not table.sign * trial.value <= table.sign * so_far:
+            so_far = trial.value  # the first finished trial, or a better one (NaN compares false)
+        best.append(so_far)
         if consumed >= budget:
             study.stop()
 
@@ -188,7 +190,7 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> T
     return Trace(sampler, pruner, seed, epochs, best, drawn[top], len(study.trials), time.perf_counter() - start)
 
 
-def best_at(trace: Trace, grid: np.ndarray, sign: float) -> np.ndarray:
+def best_at(trace: Trace, grid: np.ndarray) -> np.ndarray:
     """The best value reached by each number of epochs consumed (NaN before the first finished trial)."""
     at = np.searchsorted(np.asarray(trace.epochs), grid, side="right") - 1
     values = np.asarray(trace.best, dtype=float)
@@ -218,7 +220,7 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
     pruned: dict[tuple[str, str], float] = {}
     for key in {(t.sampler, t.pruner) for t in traces}:
         mine = [t for t in traces if (t.sampler, t.pruner) == key]
-        curves[key] = np.stack([best_at(t, grid, table.sign) for t in mine])
+        curves[key] = np.stack([best_at(t, grid) for t in mine])
         pruned[key] = float(np.mean([t.pruned_the_best for t in mine]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished

@@ -80,10 +80,14 @@ def dashboard(tmp_path_factory):
     yield from _served(tmp_path_factory, space)
 
 
-def _dom(page: str) -> str:
+def _browser() -> list[str]:
+    """Headless Chromium at a fixed window size, given time to render the page's scripts."""
     browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    browser += ["--virtual-time-budget=20000", "--window-size=1400,2000", "--dump-dom", page]
-    return subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
+    return [*browser, "--virtual-time-budget=20000", "--window-size=1400,2000"]
+
+
+def _dom(page: str) -> str:
+    return subprocess.run([*_browser(), "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
 
 
 def test_dashboard_api_serves_the_study_its_trials_and_their_plots(dashboard):
@@ -102,9 +106,7 @@ def test_a_trial_page_in_a_real_browser_shows_its_plots(dashboard, tmp_path):
     base, study = dashboard
     best = study.best_trial
     page = f"{base}/dashboard/studies/{study._study_id}/trials?numbers={best.number}"
-    browser = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
-    browser += ["--virtual-time-budget=20000", "--window-size=1400,2000"]
-    dom = subprocess.run([*browser, "--dump-dom", page], capture_output=True, text=True, timeout=120).stdout
+    dom = _dom(page)
     assert f"Trial {best.number}" in dom, dom[:2000]
     # Each plot is an <img> whose source is that trial's artifact, as the page rendered it.
     ids = {m.filename: m.artifact_id for m in get_all_artifact_meta(best, storage=study._storage)}
@@ -112,7 +114,7 @@ def test_a_trial_page_in_a_real_browser_shows_its_plots(dashboard, tmp_path):
         assert f'alt="{name}"' in dom and f"/artifacts/{study._study_id}/{best._trial_id}/{ids[name]}" in dom, name
     assert "val_per_class.csv" in dom
     screenshot = tmp_path / "trial_page.png"
-    subprocess.run([*browser, f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
+    subprocess.run([*_browser(), f"--screenshot={screenshot}", page], capture_output=True, timeout=120, check=True)
     pixels = np.asarray(Image.open(screenshot).convert("L"), dtype=np.float32)
     assert pixels.shape == (2000, 1400) and pixels.std() > 10, "a rendered page, not a blank one"
     # The artifact cards (below the trial's details) hold images: many distinct grey levels there.

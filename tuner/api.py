@@ -210,13 +210,13 @@ def refit(
 
 
 def _picked(study: optuna.Study, pick: str, trial: int | None) -> int:
-    from tuner.search import StudyKey
     from tuner.search import pick as pick_from_front
+    from tuner.search import study_objectives
 
     if trial is not None:
         raise TunerError("give either a trial number or pick conditions, not both")
-    objectives = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {}).get("metrics")
-    if not objectives:
+    objectives = study_objectives(study)
+    if len(objectives) < 2:
         raise TunerError(
             f"pick chooses from the Pareto front of a multi-objective study (study.metrics); study "
             f"{study.study_name!r} has one objective: refit its best trial, or name one with trial"

@@ -327,16 +327,11 @@ def _print_best(study: Any, metric: str) -> None:
         out.print(f"  {key} = {fmt(value)}")
 
 
-def _objectives(study: Any) -> list[str]:
-    stored = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {})
-    return list(stored.get("metrics") or [stored.get("metric", "value")])
-
-
 def _print_front(study: Any) -> None:
     """A multi-objective study's Pareto front, best first objective first, and how to refit from it."""
-    from tuner.search import front
+    from tuner.search import front, study_objectives
 
-    names = _objectives(study)
+    names = study_objectives(study)
     trials = front(study)
     directions = ", ".join(f"{n} ({d.name.lower()})" for n, d in zip(names, study.directions, strict=True))
     out.print(f"Pareto front: {len(trials)} trial(s) on {directions}", highlight=False)
@@ -357,13 +352,13 @@ def trials(
     limit: Annotated[int, typer.Option(help="Show at most this many, best first.")] = 50,
 ) -> None:
     """A table of the study's trials: state, value, best epoch, searched params, duration."""
-    from tuner.search import load_existing_study, trial_summary
+    from tuner.search import load_existing_study, maximizes, study_objectives, trial_summary
 
     s = load_existing_study(study, storage)
     rows = [trial_summary(t) for t in s.get_trials(deepcopy=False)]
-    sign = -1 if s.directions[0].name == "MAXIMIZE" else 1
+    sign = -1 if maximizes(s) else 1
     rows.sort(key=lambda r: (r["value"] is None, sign * (r["value"] or 0), r["number"]))
-    objectives = _objectives(s)
+    objectives = study_objectives(s)
     on_front = set()
     if len(objectives) > 1:  # a multi-objective study: every objective, and which trials are on the front
         from tuner.search import front
@@ -414,9 +409,9 @@ def best(
     summary["hparams"] = trial.user_attrs.get(TrialKey.HPARAMS)
     summary["study"] = study
     if len(s.directions) > 1:
-        from tuner.search import front
+        from tuner.search import front, study_objectives
 
-        summary["objectives"] = _objectives(s)
+        summary["objectives"] = study_objectives(s)
         summary["front"] = [trial_summary(t) for t in front(s)]
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")

@@ -12,7 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from tuner.metric_names import REPORT_ORDER
-from tuner.search import StudyKey, TrialKey, feasibility, feasible, first_value, front, maximizes, ranked_trials
+from tuner.search import (
+    StudyKey,
+    TrialKey,
+    feasibility,
+    feasible,
+    first_value,
+    front,
+    maximizes,
+    ranked_trials,
+    study_objectives,
+)
 
 
 def markdown_param(value: Any) -> str:
@@ -90,10 +100,9 @@ def study_report(study: Any, out_dir: Path, *, top: int = 10) -> dict[str, Any]:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    stored = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {})
-    metric = stored.get("metric", "value")
-    objectives = list(stored.get("metrics") or [metric])
-    multi = len(study.directions) > 1
+    objectives = study_objectives(study)
+    metric = objectives[0]
+    multi = len(objectives) > 1
     # Several objectives: the importances and the history are of the first (the metric), and the front is drawn.
     target = (lambda t: t.values[0]) if multi else None
     # Optuna's importance evaluator reads a target as "lower is better": the metric, signed so.

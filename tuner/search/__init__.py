@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         first_value,
         maximizes,
         ranked_trials,
+        study_objectives,
         trial_summary,
     )
     from tuner.search.supervisor import run_optimize

@@ -270,13 +270,8 @@ class Objective:
             channels_last=self.settings.channels_last and device.type == "cuda",
         )
         del model
-        measured = {
-            "latency_ms": costs.latency_ms,
-            "batch_latency_ms": costs.batch_latency_ms,
-            "params_m": costs.params_m,
-            "flops_g": costs.flops_g,
-        }
-        out = {k: round(float(v), 6) for k, v in measured.items() if v is not None}
+        # every cost measured (two latencies only when one is an objective), under its objective's name
+        out = {m: round(float(v), 6) for m in COST_METRICS if (v := getattr(costs, m)) is not None}
         trial.set_user_attr(TrialKey.COSTS, out)
         trial.set_user_attr(
             TrialKey.COSTS_MEASURED_ON, f"{costs.device}, {costs.threads} thread(s), batch {costs.batch}"

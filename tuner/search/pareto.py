@@ -25,6 +25,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tuner.errors import TunerError
 from tuner.metric_names import COST_METRICS
 from tuner.search.keys import TrialKey
+from tuner.search.study import maximizes
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def parse_pick(text: str, objectives: Sequence[str]) -> list[tuple[str, str, flo
 
 def front(study: optuna.Study) -> list[FrozenTrial]:
     """The Pareto-optimal completed trials (within study.constraints), best first objective first."""
-    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    sign = -1.0 if maximizes(study) else 1.0
     return sorted(study.best_trials, key=lambda t: sign * t.values[0])
 
 

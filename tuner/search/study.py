@@ -104,6 +104,12 @@ def first_value(trial: FrozenTrial) -> float | None:
     return trial.values[0] if trial.values else None
 
 
+def study_objectives(study: optuna.Study) -> list[str]:
+    """The names of what the study's trials return, from its stored space: ``metrics``, or ``metric`` alone."""
+    stored = study.user_attrs.get(StudyKey.SPACE, {}).get("study", {})
+    return list(stored.get("metrics") or [stored.get("metric", "value")])
+
+
 def maximizes(study: optuna.Study) -> bool:
     """Whether the study's metric (its first objective) is maximised."""
     return study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
