@@ -56,6 +56,7 @@ def record(space_path: str, data: str | None, configs: int, threads: int, name: 
                 "study.sampler": {"name": "random", "seed": done},
                 "study.pruner": {"name": "none"},
                 "study.stop": None,
+                "study.timeout": None,
                 "study.artifacts": False,
                 "train.patience": max_epochs,
             },

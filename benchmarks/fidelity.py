@@ -1,11 +1,13 @@
 """What fixed-size epochs (``train.epoch_images``) buy a search on a large set, at a fixed time budget.
 
 Two studies of the same space on the same data, each given ``--budget`` seconds (``study.timeout``):
-today's epochs (one pass over the training images each) against epochs of ``--epoch-images`` images,
-with ``max_epochs``, ``patience`` and the pruner's warm-up scaled so a trial that runs to the end sees
-the same number of images, but the pruner judges it after a fraction of a pass instead of several. The
-arms alternate (``--rounds``), each round with new sampler seeds, on one process at a time. It prints
-trials per hour (finished: completed and pruned) and the best validation value at the budget.
+today's epochs (one pass over the training images each) against epochs of ``--epoch-images`` images.
+In the second, ``max_epochs`` and ``patience`` are scaled so a trial that runs to the end sees the same
+images and stops after the same images without improvement, while the pruner's warm-up stays the
+space's number of epochs: the pruner first judges a trial after that many fixed-size epochs instead of
+that many passes, which is the saving (and the risk: an earlier judgement). The arms alternate
+(``--rounds``), each round with new sampler seeds, one study at a time. It prints trials per hour
+(finished: completed and pruned) and the best validation value at the budget.
 
     python benchmarks/fidelity.py --space search_spaces/quickstart.yaml --set data.synthetic.n_images=5000 \\
         --budget 600 --epoch-images 600
@@ -29,9 +31,7 @@ from tuner.search import best_value, prepare
 
 def run(space_path: str, data: str | None, sets: list[str], root: Path, name: str, budget: float, seed: int, **train):
     overrides = [*sets, f"study.sampler.seed={seed}", f"study.timeout={budget}", "study.n_trials=100000"]
-    overrides += [f"train.{k}={v}" for k, v in train.items() if k != "warmup"]
-    if "warmup" in train:
-        overrides.append(f"study.pruner.n_warmup_steps={train['warmup']}")
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
     start = time.perf_counter()
     study = tuner.optimize(
         space_path,
@@ -63,15 +63,12 @@ def main() -> None:
     n_train = len(prepare(space, cache_dir=root / "cache").train.labels)
     scale = max(1, round(n_train / args.epoch_images))
     t = space.train
-    pruner = space.study.pruner
-    warmup = getattr(pruner, "n_warmup_steps", None)
     arms = {
         "one pass per epoch": {},
         f"{args.epoch_images} images per epoch": {
             "epoch_images": args.epoch_images,
             "max_epochs": t.max_epochs * scale,
             **({"patience": t.patience * scale} if t.patience else {}),
-            **({"warmup": warmup * scale} if warmup is not None else {}),
         },
     }
     print(f"{n_train} training images; fixed-size epochs: {args.epoch_images} images, x{scale} epochs", flush=True)

@@ -10,16 +10,20 @@ tuner's training loop does. Nothing is trained, so a search costs what Optuna's 
 
 For each sampler x pruner it prints, over the seeds: the best validation value reached (median and
 quartiles) at fractions of the budget, the epochs the median search needs to reach random search
-without pruning's final median best, and how often the pruner stopped the best configuration the
-search had drawn (best when trained to the end). It draws best-value-against-epochs with quartile
+without pruning's final median best, how often the pruner stopped the best configuration the
+search had drawn (best when trained to the end), the trials, and the share of trials that drew a table
+configuration not drawn before (a sampler that concentrates its draws meets the same curve again
+where real training would have met a new one). It draws best-value-against-epochs with quartile
 bands to ``docs/search/<table>.png``.
 
-    python benchmarks/search.py benchmarks/curves/breast.json
-    python benchmarks/search.py benchmarks/curves/*.json --seeds 30 --jobs 2
-    python benchmarks/search.py benchmarks/curves/breast.json --samplers gp --pruners none,median
+    python benchmarks/search.py benchmarks/curves/breast.json      # random, tpe, cmaes x five pruners
+    python benchmarks/search.py benchmarks/curves/breast.json --samplers gp --pruners none,median --seeds 10
+    python benchmarks/search.py benchmarks/curves/breast.json --samplers random,tpe --pruners wilcoxon --seeds 3
 
-Replays are kept in ``benchmarks/_data/replays/`` (per table contents and budget), so a later run adds
-samplers or pruners to the same table and a repeated run only redraws the summary and the plot.
+Replays are kept in ``benchmarks/replays/`` beside the tables (one file per table, keyed on the table's
+contents, the space's sampler and pruner settings and the budget), so the docs' tables and plots come back
+in seconds from a clone, a later run adds samplers or pruners to what is kept, and ``--fresh`` replays the
+requested ones again. The summary covers everything kept for the table.
 
 The best value is the best trial's recorded validation value, as a study reports it: the more trials a
 search finishes, the more its maximum is lifted by validation noise (one training seed per
@@ -32,6 +36,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -41,6 +46,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import torch
 
 import tuner
 from tuner.search.samplers import build_pruner, build_sampler
@@ -49,7 +55,9 @@ from tuner.search.space import SearchSpace, suggest
 ROOT = Path(__file__).parents[1]
 SAMPLERS = ("random", "tpe", "gp", "cmaes")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon")
-SLOW = ("gp", "wilcoxon")  # a GP fit per trial; a Wilcoxon test against the best trial per epoch
+# Replayed only when asked (--samplers / --pruners), with fewer seeds: a GP fit per trial is about half a
+# minute per search; scipy's Wilcoxon test on tied AUROCs is a permutation test, about four minutes.
+SLOW = ("gp", "wilcoxon")
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
@@ -110,7 +118,7 @@ class Table:
 
 
 @dataclass
-class Trace:
+class Trace:  # kept compactly: see to_json / from_json
     sampler: str
     pruner: str
     seed: int
@@ -119,6 +127,7 @@ class Trace:
     pruned_the_best: bool  # the best configuration drawn (trained to the end) was pruned
     trials: int
     seconds: float
+    configs: int | None = None  # distinct table configurations drawn (a repeat replays the same curve)
 
 
 def space_for(table: Table) -> SearchSpace:
@@ -149,6 +158,7 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> T
     space = space_for(table)
     settings = space.study.sampler.model_copy(update={"name": sampler, "seed": seed})
     study = optuna.create_study(
+        study_name=f"replay-{seed}",  # Hyperband assigns brackets by a hash of the name: the same each run
         direction=table.raw["direction"],
         sampler=build_sampler(settings),
         pruner=make_pruner(space, pruner, table.max_epochs),
@@ -187,7 +197,23 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> T
 
     study.optimize(objective, n_trials=100_000, callbacks=[after])
     top = max(drawn, key=lambda i: table.full_value[i])
-    return Trace(sampler, pruner, seed, epochs, best, drawn[top], len(study.trials), time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return Trace(sampler, pruner, seed, epochs, best, drawn[top], len(study.trials), seconds, len(drawn))
+
+
+def to_json(trace: Trace) -> dict[str, Any]:
+    """The epochs each trial ran and the best value only where it changed: a tenth of the plain form."""
+    kept = asdict(trace)
+    kept["epochs"] = np.diff(trace.epochs, prepend=0).tolist()
+    kept["best"] = [[i, v] for i, v in enumerate(trace.best) if i == 0 or v != trace.best[i - 1]]
+    return kept
+
+
+def from_json(kept: dict[str, Any]) -> Trace:
+    best, changes = [], dict(kept["best"])
+    for i in range(len(kept["epochs"])):
+        best.append(changes.get(i, best[-1] if best else math.nan))
+    return Trace(**{**kept, "epochs": np.cumsum(kept["epochs"]).tolist(), "best": best})
 
 
 def best_at(trace: Trace, grid: np.ndarray) -> np.ndarray:
@@ -197,17 +223,18 @@ def best_at(trace: Trace, grid: np.ndarray) -> np.ndarray:
     return np.where(at >= 0, values[np.clip(at, 0, None)], np.nan)
 
 
-def _cache(path: Path, budget: int, space: SearchSpace) -> Path:
+def kept_path(path: Path, budget: int, space: SearchSpace) -> Path:
     """Where replays of this table (its exact contents), with the space's sampler and pruner settings as they
     are now, at this budget are kept between runs."""
     settings = json.dumps(space.study.model_dump(mode="json", include={"sampler", "pruner"}), sort_keys=True)
     digest = hashlib.sha1(path.read_bytes() + settings.encode()).hexdigest()[:12]
-    return ROOT / "benchmarks" / "_data" / "replays" / f"{path.stem}-{digest}-{budget}.json"
+    return ROOT / "benchmarks" / "replays" / f"{path.stem}-{digest}-{budget}.json"
 
 
 def _run(args: tuple[Path, str, str, int, int]) -> Trace:
     path, sampler, pruner, seed, budget = args
     warnings.simplefilter("ignore")  # CMA-ES on categoricals, experimental samplers and pruners
+    torch.set_num_threads(1)  # the GP sampler's torch: one process per core
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     return replay(Table(path), sampler, pruner, seed, budget)
 
@@ -225,7 +252,9 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished
         median = {k: np.nanmedian(v, axis=0) for k, v in curves.items()}
-    reference = median.get(("random", "none"))
+    # a search with no finished trial yet has reached nothing: the worst value, not a missing one
+    signed = {k: np.median(np.where(np.isnan(v), -np.inf, table.sign * v), axis=0) for k, v in curves.items()}
+    reference = signed.get(("random", "none"))
     target = reference[-1] if reference is not None else math.nan
     order = sorted(curves, key=lambda k: (SAMPLERS.index(k[0]), PRUNERS.index(k[1].partition(":")[0]), k[1]))
     finals = {k: table.sign * median[k][-1] for k in order}
@@ -235,8 +264,8 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
         "",
         "| sampler | pruner | "
         + " | ".join(f"best at {f:.0%}" for f in FRACTIONS)
-        + " | epochs to random's final median | best config pruned | trials | seeds |",
-        "|---|---|" + "---|" * (len(FRACTIONS) + 4),
+        + " | epochs to random's final median | best config pruned | trials | new configs | seeds |",
+        "|---|---|" + "---|" * (len(FRACTIONS) + 5),
     ]
     for key in order:
         cells = []
@@ -244,14 +273,18 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
             column = curves[key][:, int(f * budget) - 1]
             q1, q2, q3 = np.nanpercentile(column, [25, 50, 75])
             cells.append(f"{q2:.4f} [{q1:.4f}, {q3:.4f}]")
-        reached = np.nonzero(table.sign * median[key] >= table.sign * target)[0]
+        reached = np.nonzero(signed[key] >= target)[0]
         epochs = f"{grid[reached[0]]}" if len(reached) else (f"> {budget}" if reference is not None else "n/a")
-        trials = np.median([t.trials for t in traces if (t.sampler, t.pruner) == key])
+        mine = [t for t in traces if (t.sampler, t.pruner) == key]
+        trials = np.median([t.trials for t in mine])
+        new = [t.configs / t.trials for t in mine if t.configs is not None]
         mark = " (default)" if key == default else ""
         lines.append(
             f"| {key[0]}{mark} | {key[1]} | "
             + " | ".join(cells)
-            + f" | {epochs} | {pruned[key]:.0%} | {trials:.0f} | {len(curves[key])} |"
+            + f" | {epochs} | {pruned[key]:.0%} | {trials:.0f} | "
+            + (f"{np.median(new):.0%}" if new else "n/a")
+            + f" | {len(curves[key])} |"
         )
     ranked = sorted(order, key=lambda k: -finals[k])
     place = f"{ranked.index(default) + 1} of {len(ranked)}" if default in ranked else "not replayed"
@@ -279,7 +312,8 @@ def _plot(table, curves, order, default, grid, path: Path) -> None:
                 q1, q2, q3 = np.nanpercentile(curves[key], [25, 50, 75], axis=0)
                 few = np.mean(~np.isnan(curves[key]), axis=0) < 0.5  # drawn once most searches have a best
                 q1, q2, q3 = (np.where(few, np.nan, q) for q in (q1, q2, q3))
-                (line,) = ax.plot(grid, q2, label=key[1], lw=2.2 if key == default else 1.2)
+                label = f"{key[1]} (the space's settings)" if key[1] == default[1] else key[1]
+                (line,) = ax.plot(grid, q2, label=label, lw=2.2 if key == default else 1.2)
                 ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.12)
             ax.set_title(sampler)
             ax.set_xlabel("epochs consumed")
@@ -287,7 +321,11 @@ def _plot(table, curves, order, default, grid, path: Path) -> None:
     low = np.nanpercentile(np.concatenate([c[:, len(grid) // 10 :] for c in curves.values()]), 5)
     axes[0][0].set_ylim(bottom=low)
     axes[0][0].set_ylabel(f"best {table.raw['metric']} (median, quartiles)")
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+    handles = {}  # every pruner drawn in any panel, once (gp and wilcoxon are not in every panel)
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
     fig.suptitle(f"{table.name}: replayed searches ({len(table.curves)} recorded configurations)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -299,18 +337,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tables", nargs="+", type=Path)
     parser.add_argument("--seeds", type=int, default=30)
-    parser.add_argument(
-        "--slow-seeds",
-        type=int,
-        default=10,
-        help="seeds for the gp sampler and the wilcoxon pruner, whose own costs are seconds per search",
-    )
-    parser.add_argument("--samplers", default=",".join(SAMPLERS))
-    parser.add_argument("--pruners", default=",".join(PRUNERS))
+    parser.add_argument("--samplers", default=",".join(s for s in SAMPLERS if s not in SLOW))
+    parser.add_argument("--pruners", default=",".join(p for p in PRUNERS if p not in SLOW))
     parser.add_argument(
         "--budget", type=int, default=None, help="epochs per search (default: 2 x n_trials x max_epochs)"
     )
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count())
+    parser.add_argument("--fresh", action="store_true", help="replay again what is kept in benchmarks/replays/")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "search")
     args = parser.parse_args()
     for path in args.tables:
@@ -321,19 +354,22 @@ def main() -> None:
             (path, sampler, pruner, seed, budget)
             for sampler in args.samplers.split(",")
             for pruner in args.pruners.split(",")
-            for seed in range(args.slow_seeds if sampler in SLOW or pruner in SLOW else args.seeds)
+            for seed in range(args.seeds)
         ]
-        cache = _cache(path, budget, space)
+        cache = kept_path(path, budget, space)
         kept = json.loads(cache.read_text()) if cache.exists() else {}
-        todo = [t for t in tasks if "|".join(map(str, t[1:4])) not in kept]
+        todo = [t for t in tasks if args.fresh or "|".join(map(str, t[1:4])) not in kept]
         start = time.perf_counter()
-        with ProcessPoolExecutor(args.jobs) as pool:
-            for task, trace in zip(todo, pool.map(_run, todo, chunksize=4), strict=True):
-                kept["|".join(map(str, task[1:4]))] = asdict(trace)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(kept))
+        if todo:
+            with ProcessPoolExecutor(args.jobs) as pool:
+                for task, trace in zip(todo, pool.map(_run, todo, chunksize=4), strict=True):
+                    kept["|".join(map(str, task[1:4]))] = to_json(trace)
+            for stale in cache.parent.glob(f"{path.stem}-*-{budget}.json"):  # an older table or space
+                stale.unlink()
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(kept, separators=(",", ":")) + "\n")
         # every replay kept for this table and budget (earlier runs' other samplers and pruners too)
-        traces = [Trace(**t) for t in kept.values()]
+        traces = [from_json(t) for t in kept.values()]
         print(summarise(table, traces, budget, args.out))
         slowest = max({t.sampler for t in traces}, key=lambda s: sum(t.seconds for t in traces if t.sampler == s))
         print(

@@ -107,6 +107,8 @@ def tiny_space(**sections) -> dict:
     }
     for key, value in sections.items():
         space[key] = {**space[key], **value}
+    if "metrics" in space["study"]:  # a multi-objective study names its objectives instead
+        del space["study"]["metric"]
     return space
 
 

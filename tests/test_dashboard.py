@@ -123,7 +123,6 @@ def test_a_trial_page_in_a_real_browser_shows_its_plots(dashboard, tmp_path):
 
 def test_a_multi_objective_study_shows_its_pareto_front_with_the_objectives_named(tmp_path_factory):
     space = tiny_space(study={"name": "front", "metrics": ["val_auroc", "params_m"], "n_trials": 4})
-    del space["study"]["metric"]
     space["params"]["width"] = {"choices": [2, 4, 8]}
     for base, study in _served(tmp_path_factory, space):
         detail = json.loads(_get(f"{base}/api/studies/{study._study_id}"))

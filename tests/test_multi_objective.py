@@ -37,7 +37,6 @@ def _space(folder, name: str, n_trials: int, **study) -> dict:
         train={"max_epochs": 4, "patience": None, "device": "cpu"},
         params={"model": "small_cnn", "width": {"choices": [CHEAP, MIDDLE, COSTLY]}, "depth": 2, "batch_size": 32},
     )
-    del space["study"]["metric"]
     space["params"]["lr"] = {"choices": [1e-5, 1e-2]}
     return space
 
@@ -158,7 +157,6 @@ def test_latency_is_measured_on_the_training_device_with_its_threads_through_the
         study={"name": "fast", "metrics": ["val_auroc", "latency_ms", "flops_g"], "n_trials": 2},
         params={"width": {"choices": [4, 16]}},
     )
-    del space["study"]["metric"]
     study = tuner.optimize(space, progress=False)
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MINIMIZE"]
     for t in study.trials:

@@ -9,7 +9,7 @@ import gc
 import logging
 from collections.abc import Callable
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 
 import numpy as np
 import torch
@@ -123,6 +123,8 @@ def _train_once(
         val = None if data.val is None else embed(data.val, describe=f"{len(data.val)} validation images")
         model, normalize, channels_last = c.model.head, None, False
 
+    # epoch_chunk asks for pass 0 (its length) and the passes an epoch spans, every epoch
+    @lru_cache(maxsize=3)
     def shuffled_pass(p: int) -> np.ndarray:  # pass p of the stream that fixed-size epochs slice
         indices = epoch_indices(
             c.pool_labels, c.strategy, ratio=hparams.ratio, seed=seed * 1009 + p + 1, multipliers=c.multipliers
