@@ -243,12 +243,11 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
     space = space_for(table)
     default = (space.study.sampler.name, space.study.pruner.name)
     grid = np.arange(1, budget + 1)
-    curves: dict[tuple[str, str], np.ndarray] = {}
-    pruned: dict[tuple[str, str], float] = {}
-    for key in {(t.sampler, t.pruner) for t in traces}:
-        mine = [t for t in traces if (t.sampler, t.pruner) == key]
-        curves[key] = np.stack([best_at(t, grid) for t in mine])
-        pruned[key] = float(np.mean([t.pruned_the_best for t in mine]))
+    groups: dict[tuple[str, str], list[Trace]] = {}
+    for t in traces:
+        groups.setdefault((t.sampler, t.pruner), []).append(t)
+    curves = {key: np.stack([best_at(t, grid) for t in mine]) for key, mine in groups.items()}
+    pruned = {key: float(np.mean([t.pruned_the_best for t in mine])) for key, mine in groups.items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished
         median = {k: np.nanmedian(v, axis=0) for k, v in curves.items()}
@@ -275,7 +274,7 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
             cells.append(f"{q2:.4f} [{q1:.4f}, {q3:.4f}]")
         reached = np.nonzero(signed[key] >= target)[0]
         epochs = f"{grid[reached[0]]}" if len(reached) else (f"> {budget}" if reference is not None else "n/a")
-        mine = [t for t in traces if (t.sampler, t.pruner) == key]
+        mine = groups[key]
         trials = np.median([t.trials for t in mine])
         new = [t.configs / t.trials for t in mine if t.configs is not None]
         mark = " (default)" if key == default else ""
