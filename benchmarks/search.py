@@ -204,7 +204,7 @@ def replay(table: Table, sampler: str, pruner: str, seed: int, budget: int) -> T
 
 
 def to_json(trace: Trace) -> dict[str, Any]:
-    """The epochs each trial ran and the best value only where it changed: a tenth of the plain form."""
+    """The epochs each trial ran and the best value only where it changed: a fraction of the plain form."""
     kept = asdict(trace)
     kept["epochs"] = np.diff(trace.epochs, prepend=0).tolist()
     kept["best"] = [[i, v] for i, v in enumerate(trace.best) if i == 0 or v != trace.best[i - 1]]
@@ -231,6 +231,11 @@ def kept_path(path: Path, budget: int, space: SearchSpace) -> Path:
     settings = json.dumps(space.study.model_dump(mode="json", include={"sampler", "pruner"}), sort_keys=True)
     digest = hashlib.sha1(path.read_bytes() + settings.encode()).hexdigest()[:12]
     return ROOT / "benchmarks" / "replays" / f"{path.stem}-{digest}-{budget}.json"
+
+
+def replay_key(sampler: str, pruner: str, seed: int) -> str:
+    """A replay's key in the kept file."""
+    return f"{sampler}|{pruner}|{seed}"
 
 
 def save(cache: Path, kept: dict[str, Any]) -> None:
@@ -371,13 +376,13 @@ def main() -> None:
         ]
         cache = kept_path(path, budget, space)
         kept = json.loads(cache.read_text()) if cache.exists() else {}
-        todo = [t for t in tasks if args.fresh or "|".join(map(str, t[1:4])) not in kept]
+        todo = [t for t in tasks if args.fresh or replay_key(*t[1:4]) not in kept]
         start = time.perf_counter()
         if todo:
             saved = time.perf_counter()
             with ProcessPoolExecutor(args.jobs) as pool:
                 for task, trace in zip(todo, pool.map(_run, todo, chunksize=4), strict=True):
-                    kept["|".join(map(str, task[1:4]))] = to_json(trace)
+                    kept[replay_key(*task[1:4])] = to_json(trace)
                     if time.perf_counter() - saved > SAVE_EVERY:  # a stopped run keeps what it replayed
                         save(cache, kept)
                         saved = time.perf_counter()

@@ -107,7 +107,7 @@ def test_the_kept_replays_are_of_the_spaces_as_they_are_and_replay_the_same(sear
     assert path.exists(), f"replay again: python benchmarks/search.py {TABLE.relative_to(ROOT)}"
     replays = json.loads(path.read_text())
     for sampler, pruner in (("tpe", "median"), ("random", "hyperband")):  # Hyperband: brackets by study name
-        kept = search.from_json(replays[f"{sampler}|{pruner}|0"])
+        kept = search.from_json(replays[search.replay_key(sampler, pruner, 0)])
         fresh = search.replay(table, sampler, pruner, seed=0, budget=budget)
         assert fresh.epochs == kept.epochs
         assert np.array_equal(fresh.best, kept.best, equal_nan=True)
