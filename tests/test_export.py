@@ -5,6 +5,8 @@ its metadata; any batch size."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +80,111 @@ def test_export_needs_an_onnx_file_name(refits, workdir):
     result = invoke("export", "--model", models["cnn"].path, "--to", workdir / "model.pt")
     assert result.exit_code == 2 and "must end in .onnx" in result.stderr
     assert not (workdir / "model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def monai():
+    try:
+        import monai.bundle
+    except ImportError:
+        unavailable("monai", "pip install -e '.[test]' installs it")
+    return monai
+
+
+# The keys MONAI's metadata schema requires (meta_schema_20240725.json), which verify_metadata checks online.
+SCHEMA_KEYS = {
+    "version",
+    "changelog",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+}
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet"])
+def test_a_monai_bundle_is_checked_and_run_by_monai_to_the_probabilities_predict_gives(
+    refits, name, workdir, monai, ort
+):
+    import torch
+    from PIL import Image
+
+    npz, models = refits
+    model = models[name]
+    bundle = workdir / f"{name}_bundle"
+    result = invoke("export", "--model", model.path, "--to", bundle, "--format", "monai-bundle")
+    assert result.exit_code == 0, result.output
+    assert f"{bundle}: a MONAI bundle: float pixels [0, 255] N×3×16×16 in" in result.stdout
+    config, meta = bundle / "configs" / "inference.json", bundle / "configs" / "metadata.json"
+
+    metadata = json.loads(meta.read_text())
+    assert SCHEMA_KEYS <= metadata.keys()
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    assert pred["channel_def"] == {"0": "benign", "1": "malignant"} and pred["num_channels"] == 2
+    assert metadata["threshold"] == model.threshold and metadata["positive_class"] == "malignant"
+    assert metadata["networks"] == len(model.saved.models) and metadata["tta"] == model.saved.tta
+
+    # MONAI's own checks: the network against the metadata, and every id its inference workflow requires.
+    monai.bundle.verify_net_in_out(net_id="network_def", meta_file=str(meta), config_file=str(config), device="cpu")
+    workflow = monai.bundle.ConfigWorkflow(
+        config_file=str(config), meta_file=str(meta), workflow_type="infer", logging_file=False
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)  # a plain state dict
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+
+    images = workdir / f"{name}_images"
+    images.mkdir()
+    test = np.load(npz)["test_images"][:12]
+    paths = [images / f"{i:02d}.png" for i in range(len(test))]
+    for path, pixels in zip(paths, test, strict=True):
+        Image.fromarray(pixels).save(path)
+    # The README's command, typed in the bundle's folder.
+    command = "run --config_file configs/inference.json --meta_file configs/metadata.json --workflow_type infer"
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *command.split(), "--bundle_root", ".", "--dataset_dir", str(images)],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = (bundle / "eval" / "probabilities.csv").read_text().splitlines()
+    assert rows[0] == "path,p_benign,p_malignant,label"
+    probs = np.array([[float(v) for v in row.split(",")[1:3]] for row in rows[1:]])
+    np.testing.assert_allclose(probs, model.predict_proba(paths), atol=1e-5)
+    assert [row.split(",")[-1] for row in rows[1:]] == model.predict(paths)
+
+    session = ort.InferenceSession(str(bundle / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
+    [onnx_probs] = session.run(None, {"images": np.ascontiguousarray(test.transpose(0, 3, 1, 2))})
+    np.testing.assert_allclose(onnx_probs, model.predict_proba(test), atol=1e-5)
+
+    readme = (bundle / "docs" / "README.md").read_text()
+    for section in ("# Model Overview", "## MONAI Bundle Commands", "## Model card: study", "### Test results"):
+        assert section in readme
+    assert "# License" in readme
+
+
+def test_a_bundle_is_not_written_over_a_folder_that_holds_files(refits, workdir, monai):
+    _, models = refits
+    taken = workdir / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    result = invoke("export", "--model", models["cnn"].path, "--to", taken, "--format", "monai-bundle")
+    assert result.exit_code == 2 and "is not an empty folder" in result.stderr
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"]
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".partial")]
+
+
+def test_an_unknown_export_format_is_refused_with_the_known_ones(refits, workdir):
+    _, models = refits
+    result = invoke("export", "--model", models["cnn"].path, "--to", workdir / "out", "--format", "tflite")
+    assert result.exit_code == 2 and "'tflite' is not one of 'onnx'" in result.stderr, result.stderr
+    assert not (workdir / "out").exists()

@@ -306,13 +306,23 @@ class FinalModel:
         """The predicted class of each image."""
         return self.decide(self.predict_proba(images, batch_size=batch_size))
 
-    def export(self, path: str | Path) -> Path:
-        """Write the model as one ONNX graph (``.onnx``): uint8 images N×C×S×S in, class probabilities out,
-        with the normalisation, every network and every test-time view inside and the classes and threshold
-        in its metadata. Needs the onnx extra."""
-        from tuner.final import export_onnx
+    def export(self, path: str | Path, *, format: str = "onnx") -> Path:  # noqa: A002 - the CLI's --format
+        """Write the model as one ONNX graph (``format="onnx"``, a ``.onnx`` file): uint8 images N×C×S×S in,
+        class probabilities out, with the normalisation, every network and every test-time view inside and
+        the classes and threshold in its metadata (needs the onnx extra). ``format="monai-bundle"``: a new
+        folder holding a MONAI bundle of the same graph, with the model card as its docs/README.md (needs
+        the monai extra)."""
+        from tuner.final import export_bundle, export_onnx, model_card
 
         path = Path(path)
+        if format == "monai-bundle":
+            card_file = self.path.with_name("MODEL_CARD.md")
+            card = card_file.read_text() if card_file.is_file() else None
+            if card is None and self.report is not None:
+                card = model_card(self.report)
+            return export_bundle(self.saved, path, card=card)
+        if format != "onnx":
+            raise TunerError(f"format must be onnx or monai-bundle, but got format={format!r}")
         if path.suffix != ".onnx":
             raise TunerError(f"the export's file name must end in .onnx, but got {path}")
         return export_onnx(self.saved, path)

@@ -7,6 +7,7 @@ since a storage URL may hold a password.
 
 from __future__ import annotations
 
+import enum
 import functools
 import json
 import logging
@@ -46,6 +47,13 @@ err = Console(stderr=True, soft_wrap=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 StudyOpt = Annotated[str, typer.Option("--study", "-s", help="Study name.")]
+
+
+class ExportFormat(str, enum.Enum):
+    onnx = "onnx"
+    monai_bundle = "monai-bundle"
+
+
 StorageOpt = Annotated[
     Optional[str],
     typer.Option("--storage", help="SQLAlchemy URL; default sqlite:///studies/<study>.db.", show_default=False),
@@ -739,16 +747,26 @@ def predict(
 @user_errors
 def export(
     model: Annotated[Path, typer.Option("--model", help="A model.pt written by refit.", dir_okay=False)],
-    to: Annotated[Path, typer.Option("--to", help="The ONNX file to write (.onnx).", dir_okay=False)],
+    to: Annotated[Path, typer.Option("--to", help="The ONNX file (.onnx) or the new bundle folder to write.")],
+    format: Annotated[  # noqa: A002 - the option's name
+        ExportFormat, typer.Option("--format", help="onnx: one graph; monai-bundle: a MONAI bundle folder.")
+    ] = ExportFormat.onnx,
 ) -> None:
-    """One ONNX graph: uint8 images in, class probabilities out (normalisation, every network, TTA inside)."""
+    """One ONNX graph: uint8 images in, class probabilities out (normalisation, every network, TTA inside);
+    or a MONAI bundle of it (configs, state dict, ONNX, the model card as docs/README.md)."""
     from tuner.api import load_model
 
     final = load_model(model)
-    written = final.export(to)
+    written = final.export(to, format=format.value)
+    size = f"{final.saved.channels}×{final.image_size}×{final.image_size}"
+    if format is ExportFormat.monai_bundle:
+        what = f"a MONAI bundle: float pixels [0, 255] N×{size} in"
+        where = "configs/metadata.json"
+    else:
+        what, where = f"uint8 images N×{size} in", "its metadata"
     out.print(
-        f"{written}: uint8 images N×{final.saved.channels}×{final.image_size}×{final.image_size} in, "
-        f"probabilities of {', '.join(final.classes)} out; threshold {fmt(final.threshold)} in its metadata",
+        f"{written}: {what}, probabilities of {', '.join(final.classes)} out; threshold {fmt(final.threshold)} "
+        f"in {where}",
         highlight=False,
         soft_wrap=True,
     )

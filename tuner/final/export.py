@@ -10,6 +10,7 @@ based exporter) with a dynamic batch axis; ONNX Runtime's probabilities equal ``
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -29,16 +30,37 @@ class ProbabilityGraph(nn.Module):
     scale: torch.Tensor
     shift: torch.Tensor
 
-    def __init__(self, saved: SavedModel) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        *,
+        tta: str,
+        num_classes: int,
+        positive_index: int | None,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
-        self.members = nn.ModuleList(saved.models)
-        self.views = TTA_VIEWS[saved.tta]
-        self.num_classes, self.positive_index = len(saved.class_names), saved.positive_index
-        std = torch.tensor(saved.normalize.std, dtype=torch.float32).view(1, -1, 1, 1)
-        mean = torch.tensor(saved.normalize.mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.members = nn.ModuleList(members)
+        self.views = TTA_VIEWS[tta]
+        self.num_classes, self.positive_index = num_classes, positive_index
+        std_ = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        mean_ = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         # The same two steps as tuner.data.Normalize, so the graph rounds as predict does.
-        self.register_buffer("scale", 1 / (255 * std))
-        self.register_buffer("shift", -mean / std)
+        self.register_buffer("scale", 1 / (255 * std_))
+        self.register_buffer("shift", -mean_ / std_)
+
+    @classmethod
+    def of(cls, saved: SavedModel) -> ProbabilityGraph:
+        """The graph of a final model, holding its networks."""
+        return cls(
+            saved.models,
+            tta=saved.tta,
+            num_classes=len(saved.class_names),
+            positive_index=saved.positive_index,
+            mean=saved.normalize.mean,
+            std=saved.normalize.std,
+        )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() * self.scale + self.shift
@@ -80,7 +102,7 @@ def export_onnx(saved: SavedModel, path: Path) -> Path:
         import onnx
     except ImportError:
         raise TunerError("exporting to ONNX needs the onnx extra: pip install 'tuner[onnx]'") from None
-    graph = ProbabilityGraph(saved).eval()
+    graph = ProbabilityGraph.of(saved).eval()
     example = torch.zeros(2, saved.channels, saved.image_size, saved.image_size, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
     with torch.inference_mode(False), torch.no_grad():

@@ -63,10 +63,15 @@ class SavedModel:
 
     def decide(self, probs: torch.Tensor) -> torch.Tensor:
         """Predicted class per row: the frozen threshold on the positive class (binary) or arg-max."""
-        if self.threshold is not None and self.positive_index is not None and probs.shape[1] == 2:
-            positive = probs[:, self.positive_index] >= self.threshold
-            return torch.where(positive, self.positive_index, 1 - self.positive_index)
-        return probs.argmax(1)
+        return decide(probs, self.threshold, self.positive_index)
+
+
+def decide(probs: torch.Tensor, threshold: float | None, positive_index: int | None) -> torch.Tensor:
+    """Predicted class per row of N×K probabilities: ``threshold`` on the positive class (binary) or arg-max."""
+    if threshold is not None and positive_index is not None and probs.shape[1] == 2:
+        positive = probs[:, positive_index] >= threshold
+        return torch.where(positive, positive_index, 1 - positive_index)
+    return probs.argmax(1)
 
 
 def save_model(
