@@ -28,6 +28,7 @@ from scipy import stats
 import tuner
 from tuner.final import run_refit
 from tuner.search import best_trial, run_optimize
+from tuner.search.keys import TrialKey
 from tuner.search.space import suggest
 
 
@@ -93,16 +94,23 @@ def main() -> None:
             )
             reports[number] = report
             per_seed = [m["auroc"] for m in report.per_seed]
-            rows.append((label, number, study.trials[number].value, per_seed, time.perf_counter() - start))
+            trial = study.trials[number]
+            threads = trial.user_attrs.get(TrialKey.THREADS)
+            rows.append((label, number, trial.value, report.epochs, threads, per_seed))
 
     print(f"\nsearch: {len(study.trials)} trials in {searched:.0f} s; refit with seeds 0..{args.seeds - 1}")
-    print(f"{'configuration':<18} {'trial':>5} {'val':>7} {'test AUROC mean ± sd':>22}  per seed")
-    for label, number, value, per_seed, _ in rows:
+    # The refit trains for the trial's best epoch, which depends on the trial's thread count (the order of
+    # floating-point sums): the same configuration searched at another thread count can refit differently.
+    print(
+        f"{'configuration':<18} {'trial':>5} {'val':>7} {'epochs':>6} {'threads':>7} "
+        f"{'test AUROC mean ± sd':>22}  per seed"
+    )
+    for label, number, value, epochs, threads, per_seed in rows:
         print(
-            f"{label:<18} {number:>5} {value:>7.4f} {np.mean(per_seed):>13.4f} ± {np.std(per_seed, ddof=1):.4f}  "
-            + " ".join(f"{v:.4f}" for v in per_seed)
+            f"{label:<18} {number:>5} {value:>7.4f} {epochs:>6} {threads!s:>7} "
+            f"{np.mean(per_seed):>13.4f} ± {np.std(per_seed, ddof=1):.4f}  " + " ".join(f"{v:.4f}" for v in per_seed)
         )
-    diff = np.asarray(rows[0][3]) - np.asarray(rows[1][3])
+    diff = np.asarray(rows[0][-1]) - np.asarray(rows[1][-1])
     half = stats.t.ppf(0.975, len(diff) - 1)
     se = np.std(diff, ddof=1) / math.sqrt(len(diff))
     print(f"paired difference (search - centre): {diff.mean():+.4f} ± {half * se:.4f} (95% CI over seeds)")

@@ -267,15 +267,12 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
         groups.setdefault((t.sampler, t.pruner), []).append(t)
     curves = {key: np.stack([best_at(t, grid) for t in mine]) for key, mine in groups.items()}
     pruned = {key: float(np.mean([t.pruned_the_best for t in mine])) for key, mine in groups.items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any trial finished
-        median = {k: np.nanmedian(v, axis=0) for k, v in curves.items()}
-    # a search with no finished trial yet has reached nothing: the worst value, not a missing one
+    # The median over seeds, larger is better: a search with no finished trial yet has reached nothing,
+    # the worst value rather than a missing one. Both the ranking and "epochs to random's final median" use it.
     signed = {k: np.median(np.where(np.isnan(v), -np.inf, table.sign * v), axis=0) for k, v in curves.items()}
     reference = signed.get(("random", "none"))
     target = reference[-1] if reference is not None else math.nan
     order = sorted(curves, key=lambda k: (SAMPLERS.index(k[0]), PRUNERS.index(k[1].partition(":")[0]), k[1]))
-    finals = {k: table.sign * median[k][-1] for k in order}
     lines = [
         f"### {table.name}: {len(table.curves)} configurations of `{table.raw['space']}`, "
         f"{table.raw['metric']}, budget {budget} epochs",
@@ -304,7 +301,7 @@ def summarise(table: Table, traces: list[Trace], budget: int, out_dir: Path) -> 
             + (f"{np.median(new):.0%}" if new else "n/a")
             + f" | {len(curves[key])} |"
         )
-    ranked = sorted(order, key=lambda k: -finals[k])
+    ranked = sorted(order, key=lambda k: -signed[k][-1])
     place = f"{ranked.index(default) + 1} of {len(ranked)}" if default in ranked else "not replayed"
     lines += [
         "",
@@ -320,9 +317,19 @@ def _plot(table, curves, order, default, grid, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     samplers = [s for s in SAMPLERS if any(k[0] == s for k in order)]
-    fig, axes = plt.subplots(1, len(samplers), figsize=(4.2 * len(samplers), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(samplers), figsize=(4.2 * len(samplers) + 2.2, 3.6), sharey=True, squeeze=False, layout="constrained"
+    )
+
+    def label(pruner: str) -> str:
+        return f"{pruner} (the space's settings)" if pruner == default[1] else pruner
+
+    # one colour per pruner in every panel (not every pruner is replayed with every sampler)
+    pruners = sorted({k[1] for k in order}, key=lambda p: (PRUNERS.index(p.partition(":")[0]), p))
+    colours = {p: f"C{i}" for i, p in enumerate(pruners)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         for ax, sampler in zip(axes[0], samplers, strict=True):
@@ -330,22 +337,21 @@ def _plot(table, curves, order, default, grid, path: Path) -> None:
                 q1, q2, q3 = np.nanpercentile(curves[key], [25, 50, 75], axis=0)
                 few = np.mean(~np.isnan(curves[key]), axis=0) < 0.5  # drawn once most searches have a best
                 q1, q2, q3 = (np.where(few, np.nan, q) for q in (q1, q2, q3))
-                label = f"{key[1]} (the space's settings)" if key[1] == default[1] else key[1]
-                (line,) = ax.plot(grid, q2, label=label, lw=2.2 if key == default else 1.2)
-                ax.fill_between(grid, q1, q3, color=line.get_color(), alpha=0.12)
+                ax.plot(grid, q2, color=colours[key[1]], lw=2.2 if key == default else 1.2)
+                ax.fill_between(grid, q1, q3, color=colours[key[1]], alpha=0.12)
             ax.set_title(sampler)
             ax.set_xlabel("epochs consumed")
             ax.grid(alpha=0.3)
     low = np.nanpercentile(np.concatenate([c[:, len(grid) // 10 :] for c in curves.values()]), 5)
     axes[0][0].set_ylim(bottom=low)
     axes[0][0].set_ylabel(f"best {table.raw['metric']} (median, quartiles)")
-    handles = {}  # every pruner drawn in any panel, once (gp and wilcoxon are not in every panel)
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
-    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=8, loc="lower right")
+    fig.legend(
+        [Line2D([], [], color=colours[p], lw=2.2 if p == default[1] else 1.2) for p in pruners],
+        [label(p) for p in pruners],
+        fontsize=8,
+        loc="outside right center",
+    )
     fig.suptitle(f"{table.name}: replayed searches ({len(table.curves)} recorded configurations)")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
