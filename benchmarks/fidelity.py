@@ -7,12 +7,15 @@ images and stops after the same images without improvement, while the pruner's w
 space's number of epochs: the pruner first judges a trial after that many fixed-size epochs instead of
 that many passes, which is the saving (and the risk: an earlier judgement). The arms alternate
 (``--rounds``), each round with new sampler seeds, one study at a time. It prints trials per hour
-(finished: completed and pruned) and the best validation value at the budget.
+(finished: completed and pruned) and the best validation value at the budget. With ``--refit-seeds N``
+each study's best trial is also refit on train + validation with N seeds and read once on the test
+split, so a higher best validation value can be checked against test AUROC (the study itself never
+reads the test labels).
 
     python benchmarks/fidelity.py --space search_spaces/quickstart.yaml --set data.synthetic.n_images=5000 \\
         --budget 900 --epoch-images 600 --rounds 2
     python benchmarks/fidelity.py --space search_spaces/breast.yaml --data ../shared/data/breastmnist.npz \\
-        --budget 300 --epoch-images 128 --rounds 2
+        --budget 300 --epoch-images 128 --rounds 2 --refit-seeds 5
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -29,7 +33,24 @@ import tuner
 from tuner.search import best_value, prepare
 
 
-def run(space_path: str, data: str | None, sets: list[str], root: Path, name: str, budget: float, seed: int, **train):
+@dataclass(frozen=True)
+class Outcome:
+    trials_per_hour: float
+    best: float | None  # the best validation value
+    test: float | None  # the best trial refit, test AUROC averaged over the refit seeds (--refit-seeds)
+
+
+def run(
+    space_path: str,
+    data: str | None,
+    sets: list[str],
+    root: Path,
+    name: str,
+    budget: float,
+    seed: int,
+    refit_seeds: int,
+    **train,
+) -> Outcome:
     overrides = [*sets, f"study.sampler.seed={seed}", f"study.timeout={budget}", "study.n_trials=100000"]
     overrides += [f"train.{k}={v}" for k, v in train.items()]
     start = time.perf_counter()
@@ -44,7 +65,13 @@ def run(space_path: str, data: str | None, sets: list[str], root: Path, name: st
     )
     seconds = time.perf_counter() - start
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
-    return len(finished) / seconds * 3600, best_value(study)
+    test = None
+    if refit_seeds and best_value(study) is not None:
+        model = tuner.refit(
+            study, seeds=refit_seeds, out_dir=root / name, cache_dir=root / "cache", bootstrap=0, progress=False
+        )
+        test = statistics.mean(m["auroc"] for m in model.report.per_seed)
+    return Outcome(len(finished) / seconds * 3600, best_value(study), test)
 
 
 def main() -> None:
@@ -55,6 +82,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=600.0, help="seconds per study")
     parser.add_argument("--epoch-images", type=int, required=True)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--refit-seeds", type=int, default=0, help="refit each study's best; 0: no test read")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = tuner.load_space(args.space, {"data.source": args.data}, args.set)
@@ -72,21 +100,25 @@ def main() -> None:
         },
     }
     print(f"{n_train} training images; fixed-size epochs: {args.epoch_images} images, x{scale} epochs", flush=True)
-    results: dict[str, list[tuple[float, float | None]]] = {arm: [] for arm in arms}
+    results: dict[str, list[Outcome]] = {arm: [] for arm in arms}
     with tmp:
         for r in range(args.rounds):
             for i, (arm, train) in enumerate(arms.items()):
-                results[arm].append(run(args.space, args.data, args.set, root, f"arm{i}r{r}", args.budget, r, **train))
-                print(
-                    f"round {r}: {arm}: {results[arm][-1][0]:.0f} trials/hour, best {results[arm][-1][1]}", flush=True
-                )
-    print(f"\n{'arm':<28} {'trials/hour':>12} {'best val (median)':>18}")
+                name = f"arm{i}r{r}"
+                out = run(args.space, args.data, args.set, root, name, args.budget, r, args.refit_seeds, **train)
+                results[arm].append(out)
+                tested = f", test AUROC {out.test:.4f}" if out.test is not None else ""
+                print(f"round {r}: {arm}: {out.trials_per_hour:.0f} trials/hour, best {out.best}{tested}", flush=True)
+
+    def median(values: list[float | None]) -> float:
+        present = [v for v in values if v is not None]
+        return statistics.median(present) if present else float("nan")
+
+    print(f"\n{'arm':<28} {'trials/hour':>12} {'best val (median)':>18} {'test AUROC (median)':>20}")
     for arm, rows in results.items():
-        rates = [x for x, _ in rows]
-        bests = [b for _, b in rows if b is not None]
         print(
-            f"{arm:<28} {statistics.median(rates):>12.0f} "
-            f"{(statistics.median(bests) if bests else float('nan')):>18.4f}"
+            f"{arm:<28} {median([o.trials_per_hour for o in rows]):>12.0f} {median([o.best for o in rows]):>18.4f} "
+            f"{median([o.test for o in rows]):>20.4f}"
         )
 
 

@@ -272,7 +272,8 @@ def bundle_readme(saved: SavedModel, card: str | None) -> str:
         "    python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\",
         "        --config_file configs/inference.json",
         "",
-        "The network's code is tuner's (`pip install tuner`); `models/model.onnx` needs only ONNX Runtime.",
+        f"The network's code is tuner's: run the bundle where tuner {__version__} is installed with its monai extra. "
+        "`models/model.onnx` is the same model for ONNX Runtime alone (uint8 images in).",
         "",
     ]
     if card:
