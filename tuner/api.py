@@ -312,15 +312,11 @@ class FinalModel:
         the classes and threshold in its metadata (needs the onnx extra). ``format="monai-bundle"``: a new
         folder holding a MONAI bundle of the same graph, with the model card as its docs/README.md (needs
         the monai extra)."""
-        from tuner.final import export_bundle, export_onnx, model_card
+        from tuner.final import export_bundle, export_onnx
 
         path = Path(path)
         if format == "monai-bundle":
-            card_file = self.path.with_name("MODEL_CARD.md")
-            card = card_file.read_text() if card_file.is_file() else None
-            if card is None and self.report is not None:
-                card = model_card(self.report)
-            return export_bundle(self.saved, path, card=card)
+            return export_bundle(self.saved, path, model_file=self.path, report=self.report)
         if format != "onnx":
             raise TunerError(f"format must be onnx or monai-bundle, but got format={format!r}")
         if path.suffix != ".onnx":

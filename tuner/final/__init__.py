@@ -18,7 +18,6 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.final.evaluation import evaluate
     from tuner.final.explain import Explanation, error_gallery, explain_model
     from tuner.final.export import export_onnx
-    from tuner.final.model_card import model_card
     from tuner.final.refit import run_refit
     from tuner.final.report import study_report, write_report
     from tuner.final.results import EnsembleReport, EnsembleRow, Estimate, EvaluationReport, RefitReport

@@ -33,8 +33,9 @@ from torch import nn
 from tuner import __version__
 from tuner.errors import TunerError
 from tuner.final.export import ProbabilityGraph, export_onnx
-from tuner.train import SavedModel
-from tuner.train.checkpoint import decide
+from tuner.final.model_card import model_card
+from tuner.final.results import RefitReport
+from tuner.train import SavedModel, decide
 
 BUNDLE_VERSION = "1.0.0"
 # The schema MONAI's verify_metadata checks metadata.json against (it downloads it when given this URL).
@@ -285,8 +286,12 @@ def bundle_readme(saved: SavedModel, card: str | None) -> str:
     return "\n".join(lines)
 
 
-def export_bundle(saved: SavedModel, path: Path, *, card: str | None = None) -> Path:
-    """Write ``saved`` as a MONAI bundle folder at ``path`` (absent or empty): whole or not at all."""
+def export_bundle(saved: SavedModel, path: Path, *, model_file: Path, report: RefitReport | None = None) -> Path:
+    """Write ``saved`` (read from ``model_file``) as a MONAI bundle folder at ``path`` (absent or empty), whole
+    or not at all. Its docs/README.md holds the MODEL_CARD.md beside ``model_file``, else the card of
+    ``report``."""
+    card_file = model_file.with_name("MODEL_CARD.md")
+    card = card_file.read_text() if card_file.is_file() else (model_card(report) if report is not None else None)
     try:
         importlib.metadata.version("monai")
     except importlib.metadata.PackageNotFoundError:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # also read at run time by lazy_exports
         model_normalization,
         seed_everything,
     )
-    from tuner.train.checkpoint import SavedModel, load_model, save_atomically, save_model, versions
+    from tuner.train.checkpoint import SavedModel, decide, load_model, save_atomically, save_model, versions
     from tuner.train.costs import Costs, network_costs
     from tuner.train.hparams import BEFORE_ADDED, Hyperparameters, renamed, upgrade, upgrade_stored
     from tuner.train.inference import TTA_VIEWS, average_probabilities
