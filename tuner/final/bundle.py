@@ -150,7 +150,7 @@ def metadata(saved: SavedModel, card: str | None) -> dict[str, Any]:
             BUNDLE_VERSION: f"exported by tuner {__version__} from a model made with tuner {versions.get('tuner')}"
         },
         "monai_version": importlib.metadata.version("monai"),
-        "pytorch_version": str(torch.__version__).split("+")[0],
+        "pytorch_version": str(torch.__version__).split("+")[0].split("a")[0],  # as MONAI's init_bundle writes it
         "numpy_version": np.__version__,
         # what the bundle's code needs: tuner builds the network and decodes the images
         "required_packages_version": {
