@@ -65,13 +65,13 @@ def run(
     )
     seconds = time.perf_counter() - start
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
-    test = None
-    if refit_seeds and best_value(study) is not None:
+    best, test = best_value(study), None
+    if refit_seeds and best is not None:
         model = tuner.refit(
             study, seeds=refit_seeds, out_dir=root / name, cache_dir=root / "cache", bootstrap=0, progress=False
         )
         test = statistics.mean(m["auroc"] for m in model.report.per_seed)
-    return Outcome(len(finished) / seconds * 3600, best_value(study), test)
+    return Outcome(len(finished) / seconds * 3600, best, test)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import numpy as np
@@ -31,6 +33,14 @@ def unavailable(what: str, fix: str) -> NoReturn:
     if os.environ.get("CI"):
         pytest.fail(f"{what} is missing under CI: {fix}")
     pytest.skip(f"{what} is not available ({fix})")
+
+
+def needed(module: str, fix: str = "pip install -e '.[test]' installs it") -> ModuleType:
+    """``module`` imported, or the test reported :func:`unavailable`."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        unavailable(module, fix)
 
 
 @pytest.fixture

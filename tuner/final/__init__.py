@@ -15,7 +15,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, __file__)
 if TYPE_CHECKING:  # also read at run time by lazy_exports
     from tuner.final.bundle import export_bundle
     from tuner.final.ensemble import run_ensemble
-    from tuner.final.evaluation import evaluate
+    from tuner.final.evaluation import evaluate, write_image_predictions
     from tuner.final.explain import Explanation, error_gallery, explain_model
     from tuner.final.export import export_onnx
     from tuner.final.refit import run_refit

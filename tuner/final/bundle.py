@@ -16,7 +16,6 @@ probabilities ``tuner predict`` gives.
 
 from __future__ import annotations
 
-import csv
 import functools
 import importlib.metadata
 import json
@@ -32,6 +31,7 @@ from torch import nn
 
 from tuner import __version__
 from tuner.errors import TunerError
+from tuner.final.evaluation import write_image_predictions
 from tuner.final.export import ProbabilityGraph, export_onnx
 from tuner.final.model_card import model_card
 from tuner.final.results import RefitReport
@@ -120,19 +120,18 @@ class BundleInference:
 
         self.network.load_state_dict(torch.load(self.checkpoint, map_location="cpu", weights_only=True))
         self.network.to(self.device).eval()
-        rows: list[tuple[Path, list[float], str]] = []
+        probs: list[list[float]] = []
+        labels: list[str] = []
         with torch.no_grad():
             for start in range(0, len(self.dataset.files), self.batch_size):
                 files = self.dataset.files[start : start + self.batch_size]
                 pixels = torch.from_numpy(decode_files(files, self.image_size, self.channels)).to(self.device)
-                probs = self.inferer(pixels.float(), self.network).cpu()
-                labels = decide(probs, self.threshold, self.positive_index).tolist()
-                rows += zip(files, probs.tolist(), [self.class_names[i] for i in labels], strict=True)
+                batch = self.inferer(pixels.float(), self.network).cpu()
+                probs += batch.tolist()
+                labels += [self.class_names[i] for i in decide(batch, self.threshold, self.positive_index).tolist()]
         self.output.parent.mkdir(parents=True, exist_ok=True)
         with self.output.open("w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", *[f"p_{c}" for c in self.class_names], "label"])
-            writer.writerows([str(path), *[f"{v:.6f}" for v in p], label] for path, p, label in rows)
+            write_image_predictions(fh, self.dataset.files, probs, labels, self.class_names)
         return self.output
 
 
@@ -302,7 +301,8 @@ def export_bundle(saved: SavedModel, path: Path, *, model_file: Path, report: Re
     shutil.rmtree(staging, ignore_errors=True)
     try:
         # Rebuilt from the config's values, then given the weights: the bundle's network_def is checked here.
-        network = {k: v for k, v in inference_config(saved)[NETWORK].items() if k != "_target_"}
+        config = inference_config(saved)
+        network = {k: v for k, v in config[NETWORK].items() if k != "_target_"}
         graph = BundleNetwork(**network)
         graph.load_state_dict(ProbabilityGraph.of(saved).state_dict())
         (staging / "models").mkdir(parents=True)
@@ -310,7 +310,7 @@ def export_bundle(saved: SavedModel, path: Path, *, model_file: Path, report: Re
         (staging / "docs").mkdir()
         torch.save(graph.state_dict(), staging / "models" / "model.pt")
         export_onnx(saved, staging / "models" / "model.onnx")
-        for name, content in (("metadata", metadata(saved, card)), ("inference", inference_config(saved))):
+        for name, content in (("metadata", metadata(saved, card)), ("inference", config)):
             (staging / "configs" / f"{name}.json").write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         (staging / "docs" / "README.md").write_text(bundle_readme(saved, card))
         if path.exists():

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import optuna
@@ -143,6 +143,20 @@ def write_predictions(
         for label, probs in labelled:
             for i, (t, row) in enumerate(zip(target.tolist(), probs.tolist(), strict=True)):
                 writer.writerow([label, i, class_names[t], *[f"{p:.6f}" for p in row]])
+
+
+def write_image_predictions(
+    fh: TextIO,
+    paths: Sequence[Any],
+    probs: Sequence[Sequence[float]],
+    labels: Sequence[str],
+    class_names: Sequence[str],
+) -> None:
+    """One row per image, as ``tuner predict`` writes them: its path, each class's probability, its label."""
+    writer = csv.writer(fh)
+    writer.writerow(["path", *[f"p_{c}" for c in class_names], "label"])
+    for path, row, label in zip(paths, probs, labels, strict=True):
+        writer.writerow([str(path), *[f"{p:.6f}" for p in row], label])
 
 
 def test_metric_fn(class_names, positive_index: int | None, threshold: float | None) -> Callable:
