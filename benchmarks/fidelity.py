@@ -7,7 +7,9 @@ images and stops after the same images without improvement, while the pruner's w
 space's number of epochs: the pruner first judges a trial after that many fixed-size epochs instead of
 that many passes, which is the saving (and the risk: an earlier judgement). The arms alternate
 (``--rounds``), each round with new sampler seeds, one study at a time. It prints trials per hour
-(finished: completed and pruned) and the best validation value at the budget. With ``--refit-seeds N``
+(finished: completed and pruned), the best validation value at the budget, and per finished trial the
+epochs it ran and the share of their seconds spent validating (every epoch validates on the whole
+validation split, so short epochs validate more often). With ``--refit-seeds N``
 each study's best trial is also refit on train + validation with N seeds and read once on the test
 split, so a higher best validation value can be checked against test AUROC (the study itself never
 reads the test labels).
@@ -21,6 +23,7 @@ reads the test labels).
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -37,6 +40,8 @@ from tuner.search import best_value, prepare
 class Outcome:
     trials_per_hour: float
     best: float | None  # the best validation value
+    epochs: float  # per finished trial, median
+    validation_share: float  # of the trials' epoch seconds, median
     test: float | None  # the best trial refit, test AUROC averaged over the refit seeds (--refit-seeds)
 
 
@@ -71,7 +76,11 @@ def run(
             study, seeds=refit_seeds, out_dir=root / name, cache_dir=root / "cache", bootstrap=0, progress=False
         )
         test = statistics.mean(m["auroc"] for m in model.report.per_seed)
-    return Outcome(len(finished) / seconds * 3600, best, test)
+    epochs = statistics.median(t.user_attrs.get("epochs_run", 0) for t in finished) if finished else math.nan
+    share = (
+        statistics.median(t.user_attrs.get("validation_share", math.nan) for t in finished) if finished else math.nan
+    )
+    return Outcome(len(finished) / seconds * 3600, best, epochs, share, test)
 
 
 def main() -> None:
@@ -108,17 +117,21 @@ def main() -> None:
                 out = run(args.space, args.data, args.set, root, name, args.budget, r, args.refit_seeds, **train)
                 results[arm].append(out)
                 tested = f", test AUROC {out.test:.4f}" if out.test is not None else ""
-                print(f"round {r}: {arm}: {out.trials_per_hour:.0f} trials/hour, best {out.best}{tested}", flush=True)
+                print(
+                    f"round {r}: {arm}: {out.trials_per_hour:.0f} trials/hour, best {out.best}{tested}; per trial: "
+                    f"{out.epochs:g} epochs (median), {out.validation_share:.0%} of their seconds validating",
+                    flush=True,
+                )
 
     def median(values: list[float | None]) -> float:
         present = [v for v in values if v is not None]
         return statistics.median(present) if present else float("nan")
 
-    print(f"\n{'arm':<28} {'trials/hour':>12} {'best val (median)':>18} {'test AUROC (median)':>20}")
+    print(f"\n{'arm':<28} {'trials/hour':>12} {'best val (median)':>18} {'test AUROC (median)':>20} {'validating':>11}")
     for arm, rows in results.items():
         print(
             f"{arm:<28} {median([o.trials_per_hour for o in rows]):>12.0f} {median([o.best for o in rows]):>18.4f} "
-            f"{median([o.test for o in rows]):>20.4f}"
+            f"{median([o.test for o in rows]):>20.4f} {median([o.validation_share for o in rows]):>11.0%}"
         )
 
 

@@ -5,6 +5,7 @@ its metadata; any batch size."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,43 @@ def monai():
     return needed("monai")
 
 
+# MONAI's metadata schema, byte for byte (tests/fixtures/monai/README.md); the md5 MONAI's own tests record for it.
+SCHEMA = Path(__file__).parent / "fixtures" / "monai" / "meta_schema_20240725.json"
+SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"
+
+
+def verify_metadata_offline(monai, meta: Path, schema: Path) -> None:
+    """MONAI's ``verify_metadata`` with its schema already where it would download it (it then checks the
+    md5 and skips the download); raises ValueError naming the failed rule."""
+    assert json.loads(meta.read_text())["schema"].endswith("/" + SCHEMA.name), "the schema this copy is of"
+    shutil.copyfile(SCHEMA, schema)
+    monai.bundle.verify_metadata(meta_file=str(meta), filepath=str(schema), hash_val=SCHEMA_MD5, hash_type="md5")
+
+
+def test_monai_verify_metadata_refuses_metadata_its_schema_does_not_allow(refits, workdir, monai):
+    _, models = refits
+    bundle = workdir / "bundle"
+    assert invoke("export", "--model", models["cnn"].path, "--to", bundle, "--format", "monai-bundle").exit_code == 0
+    # The README's command, typed in the bundle's folder, with the schema where it would download it.
+    shutil.copyfile(SCHEMA, bundle / "schema.json")
+    command = "verify_metadata --meta_file configs/metadata.json --filepath schema.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *command.split()], cwd=bundle, capture_output=True, text=True
+    )
+    assert run.returncode == 0 and "metadata is verified with no error" in run.stdout + run.stderr, run.stderr
+
+    meta = bundle / "configs" / "metadata.json"
+    metadata = json.loads(meta.read_text())
+    for broken in (
+        {k: v for k, v in metadata.items() if k != "network_data_format"},
+        {**metadata, "version": 1},
+        {**metadata, "network_data_format": {"inputs": {"image": {"type": "image"}}, "outputs": {}}},
+    ):
+        meta.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match="Failed validating"):
+            verify_metadata_offline(monai, meta, workdir / "schema.json")
+
+
 @pytest.mark.parametrize("name", ["cnn", "resnet"])
 def test_a_monai_bundle_is_checked_and_run_by_monai_to_the_probabilities_predict_gives(
     refits, name, workdir, monai, ort
@@ -100,8 +138,7 @@ def test_a_monai_bundle_is_checked_and_run_by_monai_to_the_probabilities_predict
     config, meta = bundle / "configs" / "inference.json", bundle / "configs" / "metadata.json"
 
     metadata = json.loads(meta.read_text())
-    # every key of the metadata MONAI's own init_bundle writes (its schema's required keys), and the schema's URL
-    assert set(monai.bundle.utils.DEFAULT_METADATA) <= metadata.keys() and metadata["schema"].endswith(".json")
+    verify_metadata_offline(monai, meta, workdir / f"{name}_schema.json")
     pred = metadata["network_data_format"]["outputs"]["pred"]
     assert pred["channel_def"] == {"0": "benign", "1": "malignant"} and pred["num_channels"] == 2
     assert metadata["threshold"] == model.threshold and metadata["positive_class"] == "malignant"

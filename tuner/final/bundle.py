@@ -161,7 +161,7 @@ def metadata(saved: SavedModel, card: str | None) -> dict[str, Any]:
         "description": (
             f"{saved.hparams.model} found by a tuner search"
             + (f" ({source})" if source else "")
-            + f"; {len(saved.models)} network(s) averaged over {saved.tta!r} test-time views. "
+            + f"; {ensemble(saved)}. "
             "The model card is docs/README.md."
         ),
         "authors": "tuner",
@@ -246,6 +246,14 @@ def inference_config(saved: SavedModel) -> dict[str, Any]:
     }
 
 
+def ensemble(saved: SavedModel) -> str:
+    """What is averaged, in words: "2 networks, each over the 'flips' test-time views, probabilities averaged"."""
+    networks = f"{len(saved.models)} network" + ("s" if len(saved.models) > 1 else "")
+    views = "" if saved.tta == "none" else f", each over the {saved.tta!r} test-time views"
+    averaged = ", probabilities averaged" if views or len(saved.models) > 1 else ""
+    return networks + views + averaged
+
+
 def bundle_readme(saved: SavedModel, card: str | None) -> str:
     """``docs/README.md``: the Model Zoo's sections, the model card's facts under them."""
     names = ", ".join(saved.class_names)
@@ -253,8 +261,7 @@ def bundle_readme(saved: SavedModel, card: str | None) -> str:
         "# Model Overview",
         "",
         f"A {saved.hparams.model} image classifier ({names}) found by a tuner hyperparameter search and refit "
-        f"on train + validation: {len(saved.models)} network(s), each over the {saved.tta!r} test-time views, "
-        "probabilities averaged.",
+        f"on train + validation: {ensemble(saved)}.",
         "",
         f"Input: float pixels in [0, 255], N×{saved.channels}×{saved.image_size}×{saved.image_size} (not "
         "normalised; the network normalises). Output: N×K class probabilities, K in the order of "
@@ -267,8 +274,10 @@ def bundle_readme(saved: SavedModel, card: str | None) -> str:
         "    python -m monai.bundle run --config_file configs/inference.json --meta_file configs/metadata.json \\",
         "        --workflow_type infer --bundle_root . --dataset_dir /path/to/images",
         "",
-        "Check the network against the metadata:",
+        "Check the metadata against MONAI's schema (downloaded from the `schema` URL) and the network against "
+        "the metadata:",
         "",
+        "    python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath schema.json",
         "    python -m monai.bundle verify_net_in_out network_def --meta_file configs/metadata.json \\",
         "        --config_file configs/inference.json",
         "",
