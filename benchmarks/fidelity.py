@@ -41,7 +41,7 @@ class Outcome:
     trials_per_hour: float
     best: float | None  # the best validation value
     epochs: float  # per finished trial, median
-    validation_share: float  # of the trials' epoch seconds, median
+    validation_share: float  # of the finished trials' epoch seconds, together
     test: float | None  # the best trial refit, test AUROC averaged over the refit seeds (--refit-seeds)
 
 
@@ -76,10 +76,10 @@ def run(
             study, seeds=refit_seeds, out_dir=root / name, cache_dir=root / "cache", bootstrap=0, progress=False
         )
         test = statistics.mean(m["auroc"] for m in model.report.per_seed)
-    epochs = statistics.median(t.user_attrs.get("epochs_run", 0) for t in finished) if finished else math.nan
-    share = (
-        statistics.median(t.user_attrs.get("validation_share", math.nan) for t in finished) if finished else math.nan
-    )
+    histories = [t.user_attrs.get("history", {}) for t in finished]
+    epochs = statistics.median(len(h.get("train_loss", [])) for h in histories) if finished else math.nan
+    validating = sum(sum(h.get("validate_seconds", [])) for h in histories)
+    share = validating / max(sum(sum(h.get("epoch_seconds", [])) for h in histories), 1e-9)
     return Outcome(len(finished) / seconds * 3600, best, epochs, share, test)
 
 

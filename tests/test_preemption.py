@@ -44,7 +44,7 @@ RECIPES = {
 
 
 def _without_timing(history: dict[str, list[float]]) -> dict[str, list[float]]:
-    return {k: v for k, v in history.items() if k != "epoch_seconds"}
+    return {k: v for k, v in history.items() if k not in ("epoch_seconds", "validate_seconds")}
 
 
 def _same(a: float, b: float) -> bool:

@@ -135,7 +135,7 @@ class BundleInference:
         return self.output
 
 
-def metadata(saved: SavedModel, card: str | None) -> dict[str, Any]:
+def metadata(saved: SavedModel, card: str | None, *, monai_version: str) -> dict[str, Any]:
     """``configs/metadata.json``: MONAI's keys, then what tuner's decision rule needs."""
     names = list(saved.class_names)
     positive = None if saved.positive_index is None else names[saved.positive_index]
@@ -148,7 +148,7 @@ def metadata(saved: SavedModel, card: str | None) -> dict[str, Any]:
         "changelog": {
             BUNDLE_VERSION: f"exported by tuner {__version__} from a model made with tuner {versions.get('tuner')}"
         },
-        "monai_version": importlib.metadata.version("monai"),
+        "monai_version": monai_version,
         "pytorch_version": str(torch.__version__).split("+")[0].split("a")[0],  # as MONAI's init_bundle writes it
         "numpy_version": np.__version__,
         # what the bundle's code needs: tuner builds the network and decodes the images
@@ -301,7 +301,7 @@ def export_bundle(saved: SavedModel, path: Path, *, model_file: Path, report: Re
     card_file = model_file.with_name("MODEL_CARD.md")
     card = card_file.read_text() if card_file.is_file() else (model_card(report) if report is not None else None)
     try:
-        importlib.metadata.version("monai")
+        monai_version = importlib.metadata.version("monai")
     except importlib.metadata.PackageNotFoundError:
         raise TunerError("exporting a MONAI bundle needs the monai extra: pip install 'tuner[monai]'") from None
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
@@ -319,7 +319,7 @@ def export_bundle(saved: SavedModel, path: Path, *, model_file: Path, report: Re
         (staging / "docs").mkdir()
         torch.save(graph.state_dict(), staging / "models" / "model.pt")
         export_onnx(saved, staging / "models" / "model.onnx")
-        for name, content in (("metadata", metadata(saved, card)), ("inference", config)):
+        for name, content in (("metadata", metadata(saved, card, monai_version=monai_version)), ("inference", config)):
             (staging / "configs" / f"{name}.json").write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         (staging / "docs" / "README.md").write_text(bundle_readme(saved, card))
         if path.exists():

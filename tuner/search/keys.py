@@ -23,7 +23,6 @@ class TrialKey:
     EPOCHS_RUN: Final = "epochs_run"
     STOPPED_EARLY: Final = "stopped_early"
     SECONDS_PER_EPOCH: Final = "seconds_per_epoch"
-    VALIDATION_SHARE: Final = "validation_share"  # of the epochs' seconds: what validating costs
     IMAGES_PER_SECOND: Final = "images_per_second"
     PEAK_MEMORY_MB: Final = "peak_memory_mb"
     TRAIN_COUNTS: Final = "train_counts"

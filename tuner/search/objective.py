@@ -370,7 +370,6 @@ class Objective:
         trial.set_user_attr(TrialKey.EPOCHS_RUN, result.epochs_run)
         trial.set_user_attr(TrialKey.STOPPED_EARLY, result.stopped_early)
         trial.set_user_attr(TrialKey.SECONDS_PER_EPOCH, round(result.seconds_per_epoch, 4))
-        trial.set_user_attr(TrialKey.VALIDATION_SHARE, round(result.validation_share, 3))
         trial.set_user_attr(TrialKey.IMAGES_PER_SECOND, round(result.images_per_second, 1))
         trial.set_user_attr(TrialKey.PEAK_MEMORY_MB, round(result.peak_memory_mb, 1))
         if result.train_counts is not None:  # after hard examples left out, extra and SMOTE images added

@@ -88,7 +88,6 @@ class FitResult:
     best_state: dict[str, torch.Tensor] = field(repr=False)
     epochs_run: int
     seconds_per_epoch: float
-    validation_share: float  # of the epochs' seconds, spent after the training step (validating)
     images_per_second: float
     peak_memory_mb: float
     stopped_early: bool
@@ -319,6 +318,7 @@ def fit(
         schedule.after_epoch(metrics[monitor])
         end = time.perf_counter()
         metrics["epoch_seconds"] = end - start_time
+        metrics["validate_seconds"] = end - train_done
         p.train_seconds += train_done - start_time
         p.epoch_seconds += end - start_time
         p.images_seen += images
@@ -354,7 +354,6 @@ def fit(
         best_state=p.best_state,
         epochs_run=epoch,
         seconds_per_epoch=p.epoch_seconds / max(epoch, 1),
-        validation_share=1 - p.train_seconds / p.epoch_seconds if p.epoch_seconds > 0 else 0.0,
         images_per_second=p.images_seen / p.train_seconds if p.train_seconds > 0 else float("nan"),
         peak_memory_mb=peak_memory_mb(device),
         stopped_early=stopped_early,
