@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -181,7 +182,12 @@ def test_two_workers_on_the_default_storage_survive_a_kill_at_once(workdir):
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
     assert proc.returncode == 0, output
     said = " ".join(output.split())  # log lines are wrapped
-    assert f"pid {victim}) died with exit code -9" in said and "failed and re-queued" in said, output
+    assert f"pid {victim}) died with exit code -9" in said, output
+    # The parent fails and re-queues the trial, unless the other worker, sweeping for trials of ended
+    # processes before its next trial, got there first: either way once, at once.
+    by_parent = "failed and re-queued" in said
+    by_worker = re.search(r"trial \d+ was left running by process \S+, which has ended; re-queued", said)
+    assert by_parent != bool(by_worker), output
     assert "Warning" not in said, output
     study = _study("local", url)
     _check_outcome(study, 6)
