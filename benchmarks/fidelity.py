@@ -79,7 +79,8 @@ def run(
     histories = [t.user_attrs.get("history", {}) for t in finished]
     epochs = statistics.median(len(h.get("train_loss", [])) for h in histories) if finished else math.nan
     validating = sum(sum(h.get("validate_seconds", [])) for h in histories)
-    share = validating / max(sum(sum(h.get("epoch_seconds", [])) for h in histories), 1e-9)
+    spent = sum(sum(h.get("epoch_seconds", [])) for h in histories)
+    share = validating / spent if spent else math.nan  # no finished epoch: no share, not 0 %
     return Outcome(len(finished) / seconds * 3600, best, epochs, share, test)
 
 
